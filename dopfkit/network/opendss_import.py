@@ -1,0 +1,246 @@
+"""Read an OpenDSS case into the engineering model through opendssdirect.py.
+
+The case is compiled and solved once in OpenDSS, with its controls active, so that regulator taps and
+capacitor states are those of the snapshot a utility would see; dopfkit then freezes them. Every
+element ends up in the import report: exact, approximated (and how), frozen, ignored, or an error.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import opendssdirect as dss
+
+from dopfkit.network.engineering import Capacitor, Feeder, Line, Load, Shunt, Source
+from dopfkit.network.report import (APPROXIMATED, EXACT, FROZEN, IGNORED, FeederImportError,
+                                    ImportReport)
+from dopfkit.network.transformer import read_transformer
+
+# km per OpenDSS length unit code (none, mi, kft, km, m, ft, in, cm, mm)
+KM_PER_UNIT = {0: 1.0, 1: 1.609344, 2: 0.3048, 3: 1.0, 4: 1e-3, 5: 0.3048e-3, 6: 0.0254e-3,
+               7: 1e-5, 8: 1e-6}
+UNIT_NAMES = {0: "none", 1: "mi", 2: "kft", 3: "km", 4: "m", 5: "ft", 6: "in", 7: "cm", 8: "mm"}
+
+CONTROLS = {"regcontrol": "tap frozen at the snapshot solved by OpenDSS",
+            "capcontrol": "capacitor state frozen at the snapshot solved by OpenDSS",
+            "swtcontrol": "switch state frozen at the snapshot", "invcontrol": None}
+NO_STEADY_STATE_EFFECT = {"energymeter": "measurement only", "monitor": "measurement only",
+                          "fuse": "protection, closed in steady state",
+                          "recloser": "protection, closed in steady state",
+                          "relay": "protection, closed in steady state"}
+SUPPORTED_LOAD_MODELS = {1: "constant PQ", 2: "constant Z", 3: "constant P, quadratic Q",
+                         4: "CVR exponential", 5: "constant |I|", 8: "ZIP"}
+
+
+def compile_case(master: str | Path) -> None:
+    """Compile an OpenDSS master file into the (single, global) OpenDSS engine."""
+    master = Path(master)
+    if not master.is_file():
+        raise FileNotFoundError(f"OpenDSS master file not found: {master}")
+    dss.Text.Command("Clear")
+    try:
+        dss.Text.Command(f'Compile "{master.resolve()}"')
+    except Exception as exc:  # opendssdirect raises DSSException with OpenDSS's own message
+        raise FeederImportError(f"OpenDSS could not compile {master}: {exc}") from exc
+    if not dss.Circuit.Name():
+        raise FeederImportError(f"{master} defines no circuit (no 'New Circuit.' line)")
+
+
+def solve_snapshot(master: str | Path, tolerance: float = 1e-10) -> None:
+    """Solve with controls (taps, capacitors move), then again with controls frozen, tightly."""
+    dss.Text.Command("Set Mode=Snapshot")
+    dss.Text.Command("Set MaxIterations=100")
+    dss.Text.Command("Set MaxControlIter=100")
+    dss.Text.Command("Solve")
+    dss.Text.Command("Set ControlMode=Off")
+    dss.Text.Command(f"Set Tolerance={tolerance}")
+    dss.Text.Command("Solve")
+    if not dss.Solution.Converged():
+        raise FeederImportError(f"OpenDSS did not converge on the snapshot of {master}")
+
+
+def _complex_matrix(flat) -> np.ndarray:
+    a = np.asarray(flat, float)
+    c = a[0::2] + 1j * a[1::2]
+    k = int(round(np.sqrt(c.size)))
+    return c.reshape(k, k)
+
+
+def _terminals() -> tuple[list[str], list[list[int]]]:
+    """Bus names and conductor nodes of the active element, per terminal."""
+    buses = [b.split(".")[0].lower() for b in dss.CktElement.BusNames()]
+    order = np.asarray(dss.CktElement.NodeOrder(), int).reshape(len(buses), -1)
+    return buses, order.tolist()
+
+
+def _open_conductors(nterm: int, ncond: int) -> np.ndarray:
+    return np.array([[dss.CktElement.IsOpen(t + 1, c + 1) for c in range(ncond)]
+                     for t in range(nterm)], bool)
+
+
+def _matrix(values, n: int) -> np.ndarray:
+    return np.asarray(values, float).reshape(n, n)
+
+
+def _read_lines(report: ImportReport) -> list[Line]:
+    lines = []
+    for _ in _each(dss.Lines):
+        name = "line." + dss.Lines.Name().lower()
+        buses, nodes = _terminals()
+        n = dss.Lines.Phases()
+        length, unit = dss.Lines.Length(), dss.Lines.Units()
+        r, x = _matrix(dss.Lines.RMatrix(), n), _matrix(dss.Lines.XMatrix(), n)
+        c_nf = _matrix(dss.Lines.CMatrix(), n)
+        open_ = _open_conductors(2, len(nodes[0]))
+        if len(nodes[0]) != n:
+            raise FeederImportError(f"{name}: {len(nodes[0])} conductors but {n} phases; lines "
+                                    "with explicit neutral conductors are not supported")
+        lines.append(Line(name, buses, nodes, z=(r + 1j * x) * length, c=c_nf * 1e-9 * length,
+                          length=length * KM_PER_UNIT[unit], units=UNIT_NAMES[unit],
+                          linecode=dss.Lines.LineCode().lower(), is_switch=dss.Lines.IsSwitch(),
+                          open_conductors=open_))
+        how = "3x3 series impedance and shunt capacitance"
+        if open_.any():
+            how += f"; open conductors {np.argwhere(open_).tolist()} (OpenDSS: row/column zeroed)"
+        report.add(name, EXACT, how)
+    return lines
+
+
+def _read_capacitors(report: ImportReport) -> list[Capacitor]:
+    caps = []
+    for _ in _each(dss.Capacitors):
+        name = "capacitor." + dss.Capacitors.Name().lower()
+        buses, nodes = _terminals()
+        states = np.asarray(dss.Capacitors.States(), int)
+        kvar = dss.Capacitors.kvar() * states.mean()
+        r_xl = [_floats(dss.Properties.Value(p)) for p in ("R", "XL")]
+        if any(any(v) for v in r_xl):
+            raise FeederImportError(f"{name}: series R/XL in capacitors is not supported")
+        caps.append(Capacitor(name, buses, nodes, kvar=kvar, kv=dss.Capacitors.kV(),
+                              delta=dss.Capacitors.IsDelta(), phases=dss.CktElement.NumPhases()))
+        report.add(name, FROZEN if states.size > 1 or dss.CktElement.HasVoltControl() else EXACT,
+                   f"shunt susceptance, {int(states.sum())}/{states.size} steps in service")
+    return caps
+
+
+def _read_loads(report: ImportReport, master: str) -> list[Load]:
+    loads, loadmult = [], dss.Solution.LoadMult()
+    for _ in _each(dss.Loads):
+        name = "load." + dss.Loads.Name().lower()
+        if not dss.CktElement.Enabled():
+            report.add(name, IGNORED, "disabled in the case")
+            continue
+        model = dss.Loads.Model()
+        if model not in SUPPORTED_LOAD_MODELS:
+            raise FeederImportError(f"{name} in {master}: OpenDSS load model {model} is not "
+                                    f"supported (supported: {SUPPORTED_LOAD_MODELS})")
+        buses, nodes = _terminals()
+        mult = 1.0 if dss.Loads.Status() == 1 else loadmult     # status=fixed ignores loadmult
+        loads.append(Load(name, buses, nodes, phases=dss.Loads.Phases(),
+                          delta=dss.Loads.IsDelta(), kw=dss.Loads.kW() * mult,
+                          kvar=dss.Loads.kvar() * mult, kv=dss.Loads.kV(), model=model,
+                          vminpu=dss.Loads.Vminpu(), vmaxpu=dss.Loads.Vmaxpu(),
+                          vlowpu=float(dss.Properties.Value("vlowpu")), zipv=tuple(dss.Loads.ZipV()),
+                          cvr=(dss.Loads.CVRwatts(), dss.Loads.CVRvars())))
+        report.add(name, EXACT, f"{SUPPORTED_LOAD_MODELS[model]} "
+                                f"(constant Z outside [{dss.Loads.Vminpu():g}, {dss.Loads.Vmaxpu():g}] pu)"
+                   if model == 1 else SUPPORTED_LOAD_MODELS[model])
+    return loads
+
+
+def _injection_from_solution(name: str) -> Load:
+    """A generator, PV system or storage unit as the fixed P, Q it delivered in OpenDSS's solve."""
+    buses, nodes = _terminals()
+    p, q = np.asarray(dss.CktElement.Powers(), float).reshape(-1, 2).sum(axis=0)  # kW drawn (<0)
+    return Load(name, buses, nodes, phases=dss.CktElement.NumPhases(),
+                delta=_property(name, "conn").lower().startswith("d"), kw=p, kvar=q,
+                kv=float(_property(name, "kV")), model=1, vminpu=1e-3, vmaxpu=np.inf,
+                vlowpu=0.0)
+
+
+def _floats(text: str) -> list[float]:
+    """Numbers in an OpenDSS property value such as ``"[ 0 0]"``."""
+    return [float(x) for x in text.strip("[]() ").replace(",", " ").split()]
+
+
+def _property(element: str, prop: str) -> str:
+    dss.Text.Command(f"? {element}.{prop}")
+    return dss.Text.Result()
+
+
+def _each(iface):
+    """Iterate an opendssdirect class interface (First/Next), activating each element."""
+    i = iface.First()
+    while i > 0:
+        yield i
+        i = iface.Next()
+
+
+def _read_buses() -> tuple[dict, dict, dict]:
+    kv, xy, dist = {}, {}, {}
+    for bus in dss.Circuit.AllBusNames():
+        dss.Circuit.SetActiveBus(bus)
+        kv[bus.lower()] = dss.Bus.kVBase()
+        if dss.Bus.Coorddefined():
+            xy[bus.lower()] = (dss.Bus.X(), dss.Bus.Y())
+    return kv, xy, dist
+
+
+def read_feeder(master: str | Path, name: str | None = None) -> Feeder:
+    """Compile, solve once, and read the whole case into a :class:`Feeder`."""
+    master = str(master)
+    compile_case(master)
+    solve_snapshot(master)
+    report = ImportReport(master)
+    kv_base, bus_xy, bus_distance = _read_buses()
+    missing = [b for b, v in kv_base.items() if v <= 0]
+    if missing:
+        raise FeederImportError(f"{master}: buses without a voltage base {missing[:10]} "
+                                "(add them to 'Set voltagebases' and 'CalcVoltageBases')")
+
+    sources, transformers, shunts, others = [], [], [], []
+    for element in dss.Circuit.AllElementNames():
+        ename = element.lower()
+        kind = ename.split(".")[0]
+        dss.Circuit.SetActiveElement(element)
+        if kind in ("line", "load", "capacitor"):
+            continue                                   # read below, class by class
+        if not dss.CktElement.Enabled():
+            report.add(ename, IGNORED, "disabled in the case")
+        elif kind == "vsource":
+            buses, nodes = _terminals()
+            y = _complex_matrix(dss.CktElement.YPrim())
+            n = len(nodes[0])
+            sources.append(Source(ename, buses[:1], nodes[:1], kv_base=dss.Vsources.BasekV(),
+                                  pu=dss.Vsources.PU(), angle_deg=dss.Vsources.AngleDeg(),
+                                  z=np.linalg.inv(y[:n, :n])))
+            report.add(ename, EXACT, "Thevenin equivalent: voltage behind its 3x3 impedance")
+        elif kind == "transformer":
+            transformers.append(read_transformer(dss, ename.split(".", 1)[1]))
+            report.add(ename, EXACT, "winding model with the snapshot's taps")
+        elif kind in ("generator", "pvsystem", "storage"):
+            others.append(_injection_from_solution(ename))
+            report.add(ename, APPROXIMATED, "fixed P, Q injection at OpenDSS's snapshot output "
+                                           "(inverter and generator controls not modelled)")
+        elif kind == "reactor":
+            buses, nodes = _terminals()
+            shunts.append(Shunt(ename, buses, nodes, yprim=_complex_matrix(dss.CktElement.YPrim())))
+            report.add(ename, EXACT, "OpenDSS primitive admittance")
+        elif kind in CONTROLS and CONTROLS[kind]:
+            report.add(ename, FROZEN, CONTROLS[kind])
+        elif kind in NO_STEADY_STATE_EFFECT:
+            report.add(ename, IGNORED, NO_STEADY_STATE_EFFECT[kind])
+        else:
+            raise FeederImportError(f"{element} in {master}: element class '{kind}' is not "
+                                    "supported by dopfkit's importer")
+    lines = _read_lines(report)
+    capacitors = _read_capacitors(report)
+    loads = _read_loads(report, master) + others
+    if not sources:
+        raise FeederImportError(f"{master}: no enabled Vsource")
+    return Feeder(name=name or Path(master).stem.lower(), master=master,
+                  frequency=dss.Solution.Frequency(), kv_base=kv_base,
+                  bus_nodes=[n.lower() for n in dss.Circuit.AllNodeNames()], bus_xy=bus_xy,
+                  bus_distance=bus_distance, sources=sources, lines=lines,
+                  transformers=transformers, capacitors=capacitors, loads=loads, shunts=shunts,
+                  report=report)

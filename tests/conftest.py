@@ -1,0 +1,79 @@
+"""Shared pytest set-up for dopfkit's tests.
+
+* Feeder data: when DOPFKIT_FEEDERS_DIR is unset and ``<repo>/../shared/feeders/ieee`` exists, point
+  the variable at it (absolute path) before any test imports dopfkit.
+* GPU: ``requires_gpu`` (``from conftest import requires_gpu``) and the markers ``@pytest.mark.gpu`` /
+  ``@pytest.mark.requires_gpu`` skip a test unless cupy is installed and sees a CUDA device.
+* MPI: ``@pytest.mark.mpi`` skips a test unless mpi4py can be imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_SHARED_FEEDERS = REPO_ROOT.parent / "shared" / "feeders" / "ieee"
+
+if not os.environ.get("DOPFKIT_FEEDERS_DIR") and _SHARED_FEEDERS.is_dir():
+    os.environ["DOPFKIT_FEEDERS_DIR"] = str(_SHARED_FEEDERS)
+
+
+@functools.cache
+def gpu_available() -> bool:
+    """True when cupy is installed and a CUDA device can be used."""
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        import cupy
+
+        return bool(cupy.cuda.is_available())
+    except Exception:  # broken CUDA install, driver mismatch, ...
+        return False
+
+
+@functools.cache
+def mpi_available() -> bool:
+    if importlib.util.find_spec("mpi4py") is None:
+        return False
+    try:
+        from mpi4py import MPI  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+_GPU_REASON = "needs a CUDA GPU with cupy (pip install -e '.[gpu]'); none available here"
+_MPI_REASON = "needs mpi4py and an MPI runtime (pip install -e '.[hpc]')"
+
+#: Decorator for tests that need a GPU: ``@requires_gpu``.
+requires_gpu = pytest.mark.requires_gpu
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "requires_gpu: needs a CUDA GPU with cupy; skipped where none is available"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason=_GPU_REASON)
+    skip_mpi = pytest.mark.skip(reason=_MPI_REASON)
+    for item in items:
+        wants_gpu = item.get_closest_marker("gpu") or item.get_closest_marker("requires_gpu")
+        if wants_gpu and not gpu_available():
+            item.add_marker(skip_gpu)
+        if item.get_closest_marker("mpi") and not mpi_available():
+            item.add_marker(skip_mpi)
+
+
+@pytest.fixture(scope="session")
+def feeders_dir() -> Path | None:
+    """The local feeder directory (DOPFKIT_FEEDERS_DIR) or None when none is configured."""
+    value = os.environ.get("DOPFKIT_FEEDERS_DIR")
+    return Path(value) if value else None
