@@ -11,10 +11,15 @@ from dopfkit.network.opendss_import import compile_case, solve_snapshot
 
 
 def opendss_voltages(master, tolerance: float = 1e-10) -> pd.Series:
-    """Complex node voltages (V) of the snapshot, controls frozen after they settle."""
+    """Complex node voltages (V) of the snapshot, controls frozen after they settle.
+
+    ``.attrs["tolerance"]`` holds the tolerance OpenDSS actually converged to.
+    """
     compile_case(master)
-    solve_snapshot(master, tolerance)
-    return current_voltages()
+    reached = solve_snapshot(master, tolerance)
+    v = current_voltages()
+    v.attrs["tolerance"] = reached
+    return v
 
 
 def current_voltages() -> pd.Series:

@@ -111,6 +111,7 @@ class Feeder:
     loads: list[Load]
     shunts: list[Shunt]
     report: "ImportReport"
+    opendss_tolerance: float = 1e-10   # tolerance OpenDSS converged to on this snapshot
 
     def summary(self) -> dict[str, int]:
         return {"buses": len(self.kv_base), "nodes": len(self.bus_nodes), "lines": len(self.lines),

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy.sparse.csgraph import dijkstra
+from scipy.sparse.csgraph import connected_components, dijkstra
 
 from dopfkit.network.engineering import Feeder
 from dopfkit.network.primitives import (capacitor_susceptance, lines_primitives,
@@ -74,6 +74,7 @@ class Network:
     loads: LoadPairs
     branches: Branches
     distance_km: pd.Series       # electrical path length from the source, per node
+    energized: np.ndarray        # False on nodes that open switches isolate from every source
 
     @property
     def name(self) -> str:
@@ -191,6 +192,20 @@ def _distances(feeder: Feeder, index, nodes: pd.Index) -> pd.Series:
     return pd.Series(d[[bi[x.split(".")[0]] for x in nodes]], index=nodes, name="distance_km")
 
 
+def _energized(Y: sp.csc_matrix, source_nodes: np.ndarray) -> np.ndarray:
+    """Nodes connected to a source through non-zero series admittances (open conductors are 0)."""
+    coupling = Y - sp.diags(Y.diagonal())
+    coupling.eliminate_zeros()
+    _, label = connected_components(coupling, directed=False)
+    return np.isin(label, label[source_nodes])
+
+
+def _isolate(Y: sp.csc_matrix, dead: np.ndarray) -> sp.csc_matrix:
+    """Pin de-energized nodes to 0 V: identity rows and columns, as OpenDSS leaves them at 0."""
+    keep = sp.diags((~dead).astype(float))
+    return (keep @ Y @ keep + sp.diags(dead.astype(float))).tocsc()
+
+
 def build_network(feeder: Feeder, sbase: float = 1e6) -> Network:
     """Turn the engineering model into the per-unit math model."""
     nodes = pd.Index(feeder.bus_nodes, name="node")
@@ -200,6 +215,8 @@ def build_network(feeder: Feeder, sbase: float = 1e6) -> Network:
     series = _series_primitives(feeder, index)
     shunts = _shunt_primitives(feeder, index)
     Y = _scatter(n, [(nd, p) for _, nd, _, p in series] + [(nd, p) for _, nd, p in shunts])
+    source_nodes = np.concatenate([_node_indices(index, s.buses[0], s.nodes[0]) for s in feeder.sources])
+    energized = _energized(Y, source_nodes[source_nodes >= 0])
     D = sp.diags(vbase)
     conductor_node = np.concatenate([nd for _, nd, _, _ in series])
     branches = Branches(
@@ -207,8 +224,19 @@ def build_network(feeder: Feeder, sbase: float = 1e6) -> Network:
         conductor_element=np.repeat(np.arange(len(series)), [len(nd) for _, nd, _, _ in series]),
         conductor_terminal=np.concatenate([t for _, _, t, _ in series]),
         Y=sp.block_diag([p for *_, p in series], format="csr"))
+    loads = _load_pairs(feeder, index, vbase)
+    _drop_isolated_loads(feeder, loads, energized)
     return Network(feeder=feeder, nodes=nodes, vbase=vbase, sbase=sbase,
-                   Y=(D @ Y @ D / sbase).tocsc(),
+                   Y=_isolate((D @ Y @ D / sbase).tocsc(), ~energized),
                    i_source=_source_emf(feeder, index, n) * vbase / sbase,
-                   loads=_load_pairs(feeder, index, vbase), branches=branches,
-                   distance_km=_distances(feeder, index, nodes))
+                   loads=loads, branches=branches,
+                   distance_km=_distances(feeder, index, nodes), energized=energized)
+
+
+def _drop_isolated_loads(feeder: Feeder, loads: LoadPairs, energized: np.ndarray) -> None:
+    """Loads on de-energized nodes draw nothing; say so in the import report."""
+    on = lambda k: np.where(k >= 0, energized[np.maximum(k, 0)], True)  # noqa: E731 (ground is live)
+    dead = ~(on(loads.node_from) & on(loads.node_to))
+    loads.s_nom[dead] = 0
+    for name in dict.fromkeys(loads.names[dead]):
+        feeder.report.add(name, "ignored", "de-energized: open switches isolate its bus from the source")

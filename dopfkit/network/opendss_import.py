@@ -14,6 +14,7 @@ import opendssdirect as dss
 from dopfkit.network.engineering import Capacitor, Feeder, Line, Load, Shunt, Source
 from dopfkit.network.report import (APPROXIMATED, EXACT, FROZEN, IGNORED, FeederImportError,
                                     ImportReport)
+from dopfkit.network.primitives import phase_voltage_base, shunt_pairs
 from dopfkit.network.transformer import read_transformer
 
 # km per OpenDSS length unit code (none, mi, kft, km, m, ft, in, cm, mm)
@@ -46,17 +47,26 @@ def compile_case(master: str | Path) -> None:
         raise FeederImportError(f"{master} defines no circuit (no 'New Circuit.' line)")
 
 
-def solve_snapshot(master: str | Path, tolerance: float = 1e-10) -> None:
-    """Solve with controls (taps, capacitors move), then again with controls frozen, tightly."""
+def solve_snapshot(master: str | Path, tolerance: float = 1e-10) -> float:
+    """Solve with controls (taps, capacitors move), then again with controls frozen, tightly.
+
+    Returns the tolerance OpenDSS reached: ``tolerance`` if it converges there, else the tightest
+    of 1e-8 ... 1e-4 it does converge to (IEEE 9500's inverter models stall near 1e-5).
+    """
     dss.Text.Command("Set Mode=Snapshot")
     dss.Text.Command("Set MaxIterations=100")
     dss.Text.Command("Set MaxControlIter=100")
     dss.Text.Command("Solve")
-    dss.Text.Command("Set ControlMode=Off")
-    dss.Text.Command(f"Set Tolerance={tolerance}")
-    dss.Text.Command("Solve")
     if not dss.Solution.Converged():
         raise FeederImportError(f"OpenDSS did not converge on the snapshot of {master}")
+    dss.Text.Command("Set ControlMode=Off")
+    for tol in [tolerance] + [t for t in (1e-8, 1e-6, 1e-5, 1e-4) if t > tolerance]:
+        dss.Text.Command(f"Set Tolerance={tol}")
+        dss.Text.Command("Solve")
+        if dss.Solution.Converged():
+            return tol
+    raise FeederImportError(f"OpenDSS did not converge on the snapshot of {master} with controls "
+                            "frozen, even at tolerance 1e-4")
 
 
 def _complex_matrix(flat) -> np.ndarray:
@@ -101,7 +111,7 @@ def _read_lines(report: ImportReport) -> list[Line]:
                           open_conductors=open_))
         how = "3x3 series impedance and shunt capacitance"
         if open_.any():
-            how += f"; open conductors {np.argwhere(open_).tolist()} (OpenDSS: row/column zeroed)"
+            how += f"; open at terminal(s) {sorted(set(np.argwhere(open_)[:, 0] + 1))} (zero current)"
         report.add(name, EXACT, how)
     return lines
 
@@ -149,13 +159,23 @@ def _read_loads(report: ImportReport, master: str) -> list[Load]:
 
 
 def _injection_from_solution(name: str) -> Load:
-    """A generator, PV system or storage unit as the fixed P, Q it delivered in OpenDSS's solve."""
+    """A generator, PV system or storage unit as OpenDSS's generator model 1 at the snapshot.
+
+    Constant P, Q inside [Vminpu, Vmaxpu], constant impedance outside. The nominal P, Q is what
+    OpenDSS delivered in the snapshot, rescaled by 1/v**2 on phases that ran in impedance mode.
+    """
     buses, nodes = _terminals()
-    p, q = np.asarray(dss.CktElement.Powers(), float).reshape(-1, 2).sum(axis=0)  # kW drawn (<0)
-    return Load(name, buses, nodes, phases=dss.CktElement.NumPhases(),
-                delta=_property(name, "conn").lower().startswith("d"), kw=p, kvar=q,
-                kv=float(_property(name, "kV")), model=1, vminpu=1e-3, vmaxpu=np.inf,
-                vlowpu=0.0)
+    phases, delta = dss.CktElement.NumPhases(), _property(name, "conn").lower().startswith("d")
+    kv, vmin, vmax = (float(_property(name, p)) for p in ("kV", "Vminpu", "Vmaxpu"))
+    s = np.asarray(dss.CktElement.Powers(), float).reshape(-1, 2) @ [1, 1j]   # kVA drawn, per conductor
+    v = np.asarray(dss.CktElement.Voltages(), float).reshape(-1, 2) @ [1, 1j]
+    pairs = shunt_pairs(phases, delta)
+    vpu = np.array([abs(v[a] - (v[b] if b < len(v) else 0)) for a, b in pairs])
+    vpu /= phase_voltage_base(kv, phases, delta)
+    s_phase = np.full(len(pairs), s.sum() / len(pairs))
+    s_nom = np.where((vpu > vmin) & (vpu <= vmax), s_phase, s_phase / vpu**2).sum()
+    return Load(name, buses, nodes, phases=phases, delta=delta, kw=s_nom.real, kvar=s_nom.imag,
+                kv=kv, model=1, vminpu=vmin, vmaxpu=vmax, vlowpu=0.0)
 
 
 def _floats(text: str) -> list[float]:
@@ -190,7 +210,7 @@ def read_feeder(master: str | Path, name: str | None = None) -> Feeder:
     """Compile, solve once, and read the whole case into a :class:`Feeder`."""
     master = str(master)
     compile_case(master)
-    solve_snapshot(master)
+    opendss_tolerance = solve_snapshot(master)
     report = ImportReport(master)
     kv_base, bus_xy, bus_distance = _read_buses()
     missing = [b for b, v in kv_base.items() if v <= 0]
@@ -220,8 +240,8 @@ def read_feeder(master: str | Path, name: str | None = None) -> Feeder:
             report.add(ename, EXACT, "winding model with the snapshot's taps")
         elif kind in ("generator", "pvsystem", "storage"):
             others.append(_injection_from_solution(ename))
-            report.add(ename, APPROXIMATED, "fixed P, Q injection at OpenDSS's snapshot output "
-                                           "(inverter and generator controls not modelled)")
+            report.add(ename, APPROXIMATED, "constant P, Q at the snapshot's output (impedance outside "
+                                            "[Vminpu, Vmaxpu]); inverter controls not modelled")
         elif kind == "reactor":
             buses, nodes = _terminals()
             shunts.append(Shunt(ename, buses, nodes, yprim=_complex_matrix(dss.CktElement.YPrim())))
@@ -243,4 +263,4 @@ def read_feeder(master: str | Path, name: str | None = None) -> Feeder:
                   bus_nodes=[n.lower() for n in dss.Circuit.AllNodeNames()], bus_xy=bus_xy,
                   bus_distance=bus_distance, sources=sources, lines=lines,
                   transformers=transformers, capacitors=capacitors, loads=loads, shunts=shunts,
-                  report=report)
+                  report=report, opendss_tolerance=opendss_tolerance)

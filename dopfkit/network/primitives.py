@@ -25,18 +25,29 @@ def lines_primitives(zs: np.ndarray, cs: np.ndarray, frequency: float) -> np.nda
                            np.concatenate([-y, y + ysh], axis=2)], axis=1)
 
 
-def open_conductors(yprim: np.ndarray, is_open: np.ndarray) -> np.ndarray:
-    """OpenDSS's rule for an open conductor: zero its row and column, keep 1e-12 S to ground.
+EPSILON = 1e-12   # siemens OpenDSS keeps on diagonals so that an opened node never floats
 
-    The tiny conductance keeps a node that the opening isolates from making Y singular.
+
+def open_conductors(yprim: np.ndarray, is_open: np.ndarray) -> np.ndarray:
+    """OpenDSS's rule for open conductors: their current is forced to zero.
+
+    Each open conductor is Kron-reduced out of the primitive (one at a time, as OpenDSS does),
+    its row and column zeroed with ``EPSILON`` left on its diagonal, and ``EPSILON`` added to every
+    remaining diagonal so a switch opened at one end cannot leave a bus hanging.
     """
-    k = np.flatnonzero(is_open.ravel())
-    if k.size:
-        yprim = yprim.copy()
-        yprim[k, :] = 0
-        yprim[:, k] = 0
-        yprim[k, k] = 1e-12
-    return yprim
+    opened = np.flatnonzero(is_open.ravel())
+    if not opened.size:
+        return yprim
+    y = yprim.copy()
+    kept = np.ones(len(y), bool)
+    for k in opened:
+        kept[k] = False
+        ynn = y[k, k] if y[k, k] != 0 else EPSILON
+        y[np.ix_(kept, kept)] -= np.outer(y[kept, k], y[k, kept]) / ynn
+        y[k, :] = y[:, k] = 0
+        y[k, k] = EPSILON
+    y[kept, kept] += EPSILON
+    return y
 
 
 def shunt_pairs(phases: int, delta: bool) -> list[tuple[int, int]]:

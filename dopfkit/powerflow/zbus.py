@@ -36,8 +36,9 @@ class ZBusSolver:
         self.linear = linear or ("dense" if device == "gpu" else "sparse")
         pairs = net.loads
         s = pairs.s_nom
-        # nominal admittance of consuming loads; injections stay out of the matrix
-        self.y_nom = np.where(s.real > 0, np.conj(s) / pairs.v_nom**2, 0)
+        # every load's and injection's nominal admittance goes into the factored matrix, as in
+        # OpenDSS: it is what grounds a DER behind a delta winding in the linear solve
+        self.y_nom = np.conj(s) / pairs.v_nom**2
         y_sys = (net.Y + pairs.M.T @ sp.diags(self.y_nom) @ pairs.M / net.sbase).tocsc()
         if self.linear == "sparse":
             if device != "cpu":
