@@ -137,9 +137,6 @@ def _read_loads(report: ImportReport, master: str) -> list[Load]:
     loads, loadmult = [], dss.Solution.LoadMult()
     for _ in _each(dss.Loads):
         name = "load." + dss.Loads.Name().lower()
-        if not dss.CktElement.Enabled():
-            report.add(name, IGNORED, "disabled in the case")
-            continue
         model = dss.Loads.Model()
         if model not in SUPPORTED_LOAD_MODELS:
             raise FeederImportError(f"{name} in {master}: OpenDSS load model {model} is not "
@@ -223,10 +220,10 @@ def read_feeder(master: str | Path, name: str | None = None) -> Feeder:
         ename = element.lower()
         kind = ename.split(".")[0]
         dss.Circuit.SetActiveElement(element)
-        if kind in ("line", "load", "capacitor"):
-            continue                                   # read below, class by class
-        if not dss.CktElement.Enabled():
+        if not dss.CktElement.Enabled():               # class iterators skip these: report here
             report.add(ename, IGNORED, "disabled in the case")
+        elif kind in ("line", "load", "capacitor"):
+            continue                                   # read below, class by class
         elif kind == "vsource":
             buses, nodes = _terminals()
             y = _complex_matrix(dss.CktElement.YPrim())

@@ -1,0 +1,106 @@
+"""Power flow against OpenDSS (the independent reference) and against itself across methods."""
+from __future__ import annotations
+
+import numpy as np
+import opendssdirect as dss
+import pytest
+
+import dopfkit as dk
+from dopfkit.backend import gpu_available
+from dopfkit.opendss import compare, current_voltages
+from dopfkit.powerflow import PowerFlowError, ZBusSolver
+
+ACCEPTANCE = 1e-6   # pu, the issue's threshold for IEEE 13, 34, 37, 123
+
+
+@pytest.fixture(scope="module", params=["ieee13", "ieee37", "ieee123"])
+def net(request):
+    return dk.load_feeder(request.param)
+
+
+def test_zbus_reproduces_opendss(net):
+    result = dk.solve_powerflow(net)
+    assert result.converged
+    assert compare(result).max() <= ACCEPTANCE
+
+
+@pytest.mark.parametrize("feeder", ["ieee13", "ieee123"])
+def test_backward_forward_sweep_reproduces_opendss(feeder):
+    result = dk.solve_powerflow(dk.load_feeder(feeder), method="bfs")
+    assert compare(result).max() <= ACCEPTANCE
+
+
+def test_bfs_refuses_what_is_not_radial():
+    from dopfkit.powerflow.bfs import NotRadialError
+    with pytest.raises(NotRadialError, match="zbus"):
+        dk.solve_powerflow(dk.load_feeder("ieee37"), method="bfs")
+
+
+@pytest.mark.parametrize("feeder", ["ieee13", "ieee123"])
+def test_batch_matches_opendss_load_multipliers(feeder):
+    """One batched solve over load multipliers vs OpenDSS re-solved at each LoadMult."""
+    net = dk.load_feeder(feeder)
+    scales = np.array([0.4, 0.8, 1.15])
+    batch = dk.solve_powerflow(net, load_scale=scales)
+    assert batch.voltages.shape == (net.n, 3)
+    dk.load_feeder(feeder)                                  # OpenDSS: same snapshot, taps frozen
+    for k, scale in enumerate(scales):
+        dss.Text.Command(f"Set LoadMult={scale}")
+        dss.Text.Command("Solve")
+        ref = current_voltages().reindex(net.nodes) / net.vbase
+        assert np.abs(batch.V[:, k] - ref.to_numpy()).max() <= ACCEPTANCE
+
+
+def test_batch_columns_equal_single_solves():
+    net = dk.load_feeder("ieee13")
+    scales = np.random.default_rng(7).uniform(0.3, 1.3, size=(len(net.feeder.loads), 4))
+    batch = dk.solve_powerflow(net, load_scale=scales)
+    solver = ZBusSolver(net)
+    for k in range(4):                 # per-load scaling: each pair takes its own load's factor
+        s_col = solver.pair_powers(scales[:, [k]])[:, 0]
+        assert np.allclose(s_col, net.loads.s_nom * scales[net.loads.element, k])
+    col = dk.solve_powerflow(net, load_scale=scales[:, [2]])
+    assert np.abs(col.V[:, 0] - batch.V[:, 2]).max() < 1e-9
+
+
+def test_dense_linear_path_equals_sparse():
+    """The dense path is what runs on a GPU; on numpy it must give the same answer.
+
+    cond(Y) is about 1e15 on IEEE 123 (a stiff source, near-ideal regulators), so an explicit
+    inverse costs a few 1e-9 pu: still 100x inside the 1e-6 pu acceptance threshold.
+    """
+    net = dk.load_feeder("ieee123")
+    scales = np.array([0.7, 1.0])
+    sparse = dk.solve_powerflow(net, load_scale=scales, tol=1e-13)
+    dense = dk.solve_powerflow(net, load_scale=scales, linear="dense", tol=1e-13)
+    assert np.abs(sparse.V - dense.V).max() < 1e-8
+
+
+def test_losses_and_currents_match_opendss():
+    net = dk.load_feeder("ieee13")
+    result = dk.solve_powerflow(net)
+    dk.load_feeder("ieee13")
+    p, q = np.asarray(dss.Circuit.Losses()) / 1e3           # W, var -> kW, kvar (series elements)
+    assert result.losses.real == pytest.approx(p, rel=1e-6)
+    assert result.losses.imag == pytest.approx(q, rel=1e-6)
+    dss.Circuit.SetActiveElement("Line.650632")
+    ref = np.asarray(dss.CktElement.Currents()).reshape(-1, 2) @ [1, 1j]
+    flows = result.branch_flows().query("element == 'line.650632'")
+    assert np.abs(flows["I_A"].to_numpy() - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_non_convergence_reports_residual_history():
+    net = dk.load_feeder("ieee13")
+    with pytest.raises(PowerFlowError, match=r"did not converge.*3 iterations.*last max \|dV\|") as err:
+        dk.solve_powerflow(net, max_iter=3)
+    assert len(err.value.history) == 3
+
+
+@pytest.mark.requires_gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU with CuPy")
+def test_gpu_batch_matches_cpu():
+    net = dk.load_feeder("ieee123")
+    scales = np.linspace(0.5, 1.2, 64)
+    cpu = dk.solve_powerflow(net, load_scale=scales)
+    gpu = dk.solve_powerflow(net, load_scale=scales, device="gpu")
+    assert np.abs(cpu.V - gpu.V).max() < 1e-8
