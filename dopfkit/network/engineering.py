@@ -79,6 +79,7 @@ class Load(Element):
     vlowpu: float = 0.5            # below it OpenDSS models PQ and |I| loads as impedances
     zipv: tuple[float, ...] = ()
     cvr: tuple[float, float] = (1.0, 2.0)  # model 4 exponents of P and Q (CVRwatts, CVRvars)
+    fixed: bool = False            # OpenDSS status=fixed: load multipliers do not scale it
 
     def pairs(self) -> list[tuple[int, int]]:
         return shunt_pairs(self.phases, self.delta)

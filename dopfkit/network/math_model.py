@@ -47,6 +47,7 @@ class LoadPairs:
     vlow: np.ndarray
     zipv: np.ndarray         # (pairs x 7) ZIP coefficients, zeros unless model 8
     exponents: np.ndarray    # (pairs x 2) voltage exponents of P and Q inside the band
+    scalable: np.ndarray     # False for loads OpenDSS keeps fixed (status=fixed) and for DERs
 
     def __len__(self) -> int:
         return len(self.names)
@@ -164,7 +165,7 @@ def _load_pairs(feeder: Feeder, index, vbase: np.ndarray) -> LoadPairs:
                          (ld.kw + 1j * ld.kvar) * 1e3 / ld.phases,
                          phase_voltage_base(ld.kv, ld.phases, ld.delta), ld.model,
                          ld.vminpu, ld.vmaxpu, ld.vlowpu, zipv,
-                         ld.exponents()))
+                         ld.exponents(), not ld.fixed))
     cols = list(zip(*rows))
     nf, nt = np.array(cols[2]), np.array(cols[3])
     m, n = len(rows), len(vbase)
@@ -175,7 +176,7 @@ def _load_pairs(feeder: Feeder, index, vbase: np.ndarray) -> LoadPairs:
     return LoadPairs(np.array(cols[0]), np.array(cols[1]), nf, nt, M, np.array(cols[4]),
                      np.array(cols[5], float), np.array(cols[6]), np.array(cols[7], float),
                      np.array(cols[8], float), np.array(cols[9], float), np.stack(cols[10]),
-                     np.array(cols[11], float))
+                     np.array(cols[11], float), np.array(cols[12], bool))
 
 
 def _distances(feeder: Feeder, index, nodes: pd.Index) -> pd.Series:

@@ -142,13 +142,14 @@ def _read_loads(report: ImportReport, master: str) -> list[Load]:
             raise FeederImportError(f"{name} in {master}: OpenDSS load model {model} is not "
                                     f"supported (supported: {SUPPORTED_LOAD_MODELS})")
         buses, nodes = _terminals()
-        mult = 1.0 if dss.Loads.Status() == 1 else loadmult     # status=fixed ignores loadmult
+        fixed = dss.Loads.Status() == 1                        # status=fixed ignores loadmult
+        mult = 1.0 if fixed else loadmult
         loads.append(Load(name, buses, nodes, phases=dss.Loads.Phases(),
                           delta=dss.Loads.IsDelta(), kw=dss.Loads.kW() * mult,
                           kvar=dss.Loads.kvar() * mult, kv=dss.Loads.kV(), model=model,
                           vminpu=dss.Loads.Vminpu(), vmaxpu=dss.Loads.Vmaxpu(),
                           vlowpu=float(dss.Properties.Value("vlowpu")), zipv=tuple(dss.Loads.ZipV()),
-                          cvr=(dss.Loads.CVRwatts(), dss.Loads.CVRvars())))
+                          cvr=(dss.Loads.CVRwatts(), dss.Loads.CVRvars()), fixed=fixed))
         report.add(name, EXACT, f"{SUPPORTED_LOAD_MODELS[model]} "
                                 f"(constant Z outside [{dss.Loads.Vminpu():g}, {dss.Loads.Vmaxpu():g}] pu)"
                    if model == 1 else SUPPORTED_LOAD_MODELS[model])
@@ -172,7 +173,7 @@ def _injection_from_solution(name: str) -> Load:
     s_phase = np.full(len(pairs), s.sum() / len(pairs))
     s_nom = np.where((vpu > vmin) & (vpu <= vmax), s_phase, s_phase / vpu**2).sum()
     return Load(name, buses, nodes, phases=phases, delta=delta, kw=s_nom.real, kvar=s_nom.imag,
-                kv=kv, model=1, vminpu=vmin, vmaxpu=vmax, vlowpu=0.0)
+                kv=kv, model=1, vminpu=vmin, vmaxpu=vmax, vlowpu=0.0, fixed=True)
 
 
 def _floats(text: str) -> list[float]:

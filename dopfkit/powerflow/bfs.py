@@ -79,7 +79,7 @@ def solve_bfs(net: Network, load_scale=1.0, tol: float = 1e-9, max_iter: int = 3
     if np.ndim(load_scale) > 0:
         raise ValueError("method='bfs' solves one snapshot; use method='zbus' for scenario batches")
     order = _two_ports(net)
-    s = net.loads.s_nom * load_scale
+    s = np.where(net.loads.scalable, net.loads.s_nom * load_scale, net.loads.s_nom)
     y_shunt = _bus_shunts(net)
     src_nodes, y_src = _source(net)
     e_src = np.linalg.solve(y_src, net.i_source[src_nodes])       # internal EMF, per unit

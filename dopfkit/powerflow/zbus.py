@@ -56,18 +56,21 @@ class ZBusSolver:
         self._y_nom = xp.asarray(self.y_nom, dtype=dtype)
 
     def pair_powers(self, load_scale=1.0) -> np.ndarray:
-        """Nominal VA of every load pair, scaled per load element and per scenario.
+        """Nominal VA of every load pair, scaled per load element and per scenario (OpenDSS's
+        LoadMult: loads with status=fixed and DER injections keep their power).
 
         ``load_scale``: a scalar, one value per scenario (S,), or one per load element and scenario
         (n_loads, S).
         """
+        pairs = self.net.loads
         scale = np.asarray(load_scale, float)
-        s = self.net.loads.s_nom
-        if scale.ndim == 0:
-            return s * scale
         if scale.ndim == 1:
-            return s[:, None] * scale[None, :]
-        return s[:, None] * scale[self.net.loads.element]
+            scale = scale[None, :]
+        elif scale.ndim == 2:
+            scale = scale[pairs.element]
+        keep = pairs.scalable if scale.ndim == 0 else pairs.scalable[:, None]
+        s = pairs.s_nom if scale.ndim == 0 else pairs.s_nom[:, None]
+        return np.where(keep, s * scale, s)       # fixed loads and DERs, like OpenDSS, do not scale
 
     def solve(self, load_scale=1.0, v0=None, tol: float = 1e-10, max_iter: int = 100,
               raise_on_fail: bool = True) -> PowerFlowResult:
