@@ -36,7 +36,9 @@ def check_ipopt() -> bool:
     tc = str(res.solver.termination_condition)
     x, y = pyo.value(m.x), pyo.value(m.y)
     ok = tc == "optimal" and abs(x**2 + y**2 - 1.0) < 1e-6
-    print(f"cyipopt: {'ok' if ok else 'FAILED'} (termination={tc}, x={x:.6f}, y={y:.6f}, objective={pyo.value(m.obj):.6f})")
+    status = "ok" if ok else "FAILED"
+    obj = pyo.value(m.obj)
+    print(f"cyipopt: {status} (termination={tc}, x={x:.6f}, y={y:.6f}, objective={obj:.6f})")
     return ok
 
 
