@@ -197,7 +197,7 @@ def _energized(Y: sp.csc_matrix, source_nodes: np.ndarray) -> np.ndarray:
     """Nodes connected to a source through non-zero series admittances (open conductors are 0)."""
     coupling = Y - sp.diags(Y.diagonal())
     coupling.eliminate_zeros()
-    _, label = connected_components(coupling, directed=False)
+    _, label = connected_components(coupling.astype(bool), directed=False)   # pattern only
     return np.isin(label, label[source_nodes])
 
 

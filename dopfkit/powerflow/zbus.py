@@ -60,7 +60,7 @@ class ZBusSolver:
         LoadMult: loads with status=fixed and DER injections keep their power).
 
         ``load_scale``: a scalar, one value per scenario (S,), or one per load element and scenario
-        (n_loads, S).
+        (n_loads, S). A single snapshot with per-load factors is therefore ``(n_loads, 1)``.
         """
         pairs = self.net.loads
         scale = np.asarray(load_scale, float)
