@@ -1,6 +1,8 @@
 """The network model against OpenDSS: element primitives, the import report, and bad input."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import opendssdirect as dss
 import pytest
@@ -67,6 +69,12 @@ def _write_case(tmp_path, extra: str):
                       "New Line.l1 bus1=src bus2=b phases=3 r1=0.1 x1=0.2 r0=0.3 x0=0.6 length=1\n"
                       f"{extra}\nSet voltagebases=[4.16]\nCalcVoltageBases\n")
     return master
+
+
+def test_loading_a_feeder_keeps_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dk.load_feeder("ieee13")
+    assert Path.cwd() == tmp_path
 
 
 def test_unsupported_load_model_names_element_and_file(tmp_path):

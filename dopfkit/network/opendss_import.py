@@ -6,6 +6,7 @@ element ends up in the import report: exact, approximated (and how), frozen, ign
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,13 @@ def compile_case(master: str | Path) -> None:
     if not master.is_file():
         raise FileNotFoundError(f"OpenDSS master file not found: {master}")
     dss.Text.Command("Clear")
+    cwd = os.getcwd()                      # OpenDSS moves into the master's folder: move back
     try:
         dss.Text.Command(f'Compile "{master.resolve()}"')
     except Exception as exc:  # opendssdirect raises DSSException with OpenDSS's own message
         raise FeederImportError(f"OpenDSS could not compile {master}: {exc}") from exc
+    finally:
+        os.chdir(cwd)
     if not dss.Circuit.Name():
         raise FeederImportError(f"{master} defines no circuit (no 'New Circuit.' line)")
 
