@@ -129,9 +129,10 @@ def bench_feeder(name: str, scenarios: int, rng: np.random.Generator) -> dict:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) \
-        if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")),
+               platform.processor())
     info = {"platform": platform.platform(), "cpu": cpu, "logical_cores": __import__("os").cpu_count(),
             "python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
             "opendssdirect": dss.__version__, "dss_engine": dss.Basic.Version().split("\n")[0],

@@ -23,17 +23,8 @@ if not os.environ.get("DOPFKIT_FEEDERS_DIR") and _SHARED_FEEDERS.is_dir():
     os.environ["DOPFKIT_FEEDERS_DIR"] = str(_SHARED_FEEDERS)
 
 
-@functools.cache
-def gpu_available() -> bool:
-    """True when cupy is installed and a CUDA device can be used."""
-    if importlib.util.find_spec("cupy") is None:
-        return False
-    try:
-        import cupy
-
-        return bool(cupy.cuda.is_available())
-    except Exception:  # broken CUDA install, driver mismatch, ...
-        return False
+# one definition of 'a usable GPU' for the library and its tests
+from dopfkit.backend import gpu_available  # noqa: E402
 
 
 @functools.cache

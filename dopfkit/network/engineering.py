@@ -13,7 +13,6 @@ import numpy as np
 from dopfkit.network.primitives import shunt_pairs
 from dopfkit.network.transformer import TransformerData
 
-
 # OpenDSS load models 1, 2, 3, 5 as exponents of P and Q; model 4 takes its CVR factors
 LOAD_EXPONENTS = {1: (0.0, 0.0), 2: (2.0, 2.0), 3: (0.0, 2.0), 5: (1.0, 1.0)}
 
@@ -111,7 +110,7 @@ class Feeder:
     capacitors: list[Capacitor]
     loads: list[Load]
     shunts: list[Shunt]
-    report: "ImportReport"
+    report: ImportReport
     opendss_tolerance: float = 1e-10   # tolerance OpenDSS converged to on this snapshot
 
     def summary(self) -> dict[str, int]:

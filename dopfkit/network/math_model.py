@@ -23,9 +23,14 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components, dijkstra
 
 from dopfkit.network.engineering import Feeder
-from dopfkit.network.primitives import (capacitor_susceptance, lines_primitives,
-                                        open_conductors, pairs_primitive, phase_voltage_base,
-                                        source_primitive)
+from dopfkit.network.primitives import (
+    capacitor_susceptance,
+    lines_primitives,
+    open_conductors,
+    pairs_primitive,
+    phase_voltage_base,
+    source_primitive,
+)
 from dopfkit.network.transformer import transformer_primitive
 
 GROUND = -1

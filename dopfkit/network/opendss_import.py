@@ -13,9 +13,8 @@ import numpy as np
 import opendssdirect as dss
 
 from dopfkit.network.engineering import Capacitor, Feeder, Line, Load, Shunt, Source
-from dopfkit.network.report import (APPROXIMATED, EXACT, FROZEN, IGNORED, FeederImportError,
-                                    ImportReport)
 from dopfkit.network.primitives import phase_voltage_base, shunt_pairs
+from dopfkit.network.report import APPROXIMATED, EXACT, FROZEN, IGNORED, FeederImportError, ImportReport
 from dopfkit.network.transformer import read_transformer
 
 # km per OpenDSS length unit code (none, mi, kft, km, m, ft, in, cm, mm)

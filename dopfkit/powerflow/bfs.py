@@ -89,10 +89,10 @@ def solve_bfs(net: Network, load_scale=1.0, tol: float = 1e-9, max_iter: int = 3
     for _ in range(max_iter):
         v_old = v.copy()
         v[src_nodes] = e_src - np.linalg.solve(y_src, i_src)      # forward sweep
-        for name, a, b, y11, y12, y21, y22 in order:
+        for name, a, b, _, _, y21, y22 in order:
             v[b] = np.linalg.solve(y22, i_down.get(name, 0) - y21 @ v[a])
         j = _demand(net, v, s, y_shunt)                            # backward sweep
-        for name, a, b, y11, y12, y21, y22 in reversed(order):
+        for name, a, b, y11, y12, _, _ in reversed(order):
             i_down[name] = -j[b]
             j[a] += y11 @ v[a] + y12 @ v[b]
         i_src = j[src_nodes]

@@ -78,7 +78,7 @@ class PowerFlowResult:
         """Total series losses, kW + j kvar."""
         return complex(self.element_losses().sum())
 
-    def scenario(self, k: int) -> "PowerFlowResult":
+    def scenario(self, k: int) -> PowerFlowResult:
         """One column of a batch as a single-snapshot result."""
         return PowerFlowResult(self.network, self.V[:, k], self.iterations, self.history,
                                self.converged, self.method)
