@@ -103,7 +103,6 @@ class Feeder:
     kv_base: dict[str, float]      # bus -> line-to-neutral kV base
     bus_nodes: list[str]           # OpenDSS node names in OpenDSS order ("650.1")
     bus_xy: dict[str, tuple[float, float]]
-    bus_distance: dict[str, float]  # km from the energy meter / source, where known
     sources: list[Source]
     lines: list[Line]
     transformers: list[TransformerData]

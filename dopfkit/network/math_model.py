@@ -31,6 +31,7 @@ from dopfkit.network.primitives import (
     phase_voltage_base,
     source_primitive,
 )
+from dopfkit.network.report import IGNORED
 from dopfkit.network.transformer import transformer_primitive
 
 GROUND = -1
@@ -244,5 +245,7 @@ def _drop_isolated_loads(feeder: Feeder, loads: LoadPairs, energized: np.ndarray
     on = lambda k: np.where(k >= 0, energized[np.maximum(k, 0)], True)  # noqa: E731 (ground is live)
     dead = ~(on(loads.node_from) & on(loads.node_to))
     loads.s_nom[dead] = 0
+    reported = {row[0] for row in feeder.report.rows if row[1] == IGNORED}   # rebuilds add nothing
     for name in dict.fromkeys(loads.names[dead]):
-        feeder.report.add(name, "ignored", "de-energized: open switches isolate its bus from the source")
+        if name not in reported:
+            feeder.report.add(name, IGNORED, "de-energized: open switches isolate its bus from the source")

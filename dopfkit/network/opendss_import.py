@@ -197,14 +197,14 @@ def _each(iface):
         i = iface.Next()
 
 
-def _read_buses() -> tuple[dict, dict, dict]:
-    kv, xy, dist = {}, {}, {}
+def _read_buses() -> tuple[dict, dict]:
+    kv, xy = {}, {}
     for bus in dss.Circuit.AllBusNames():
         dss.Circuit.SetActiveBus(bus)
         kv[bus.lower()] = dss.Bus.kVBase()
         if dss.Bus.Coorddefined():
             xy[bus.lower()] = (dss.Bus.X(), dss.Bus.Y())
-    return kv, xy, dist
+    return kv, xy
 
 
 def read_feeder(master: str | Path, name: str | None = None) -> Feeder:
@@ -213,7 +213,7 @@ def read_feeder(master: str | Path, name: str | None = None) -> Feeder:
     compile_case(master)
     opendss_tolerance = solve_snapshot(master)
     report = ImportReport(master)
-    kv_base, bus_xy, bus_distance = _read_buses()
+    kv_base, bus_xy = _read_buses()
     missing = [b for b, v in kv_base.items() if v <= 0]
     if missing:
         raise FeederImportError(f"{master}: buses without a voltage base {missing[:10]} "
@@ -262,6 +262,6 @@ def read_feeder(master: str | Path, name: str | None = None) -> Feeder:
     return Feeder(name=name or Path(master).stem.lower(), master=master,
                   frequency=dss.Solution.Frequency(), kv_base=kv_base,
                   bus_nodes=[n.lower() for n in dss.Circuit.AllNodeNames()], bus_xy=bus_xy,
-                  bus_distance=bus_distance, sources=sources, lines=lines,
+                  sources=sources, lines=lines,
                   transformers=transformers, capacitors=capacitors, loads=loads, shunts=shunts,
                   report=report, opendss_tolerance=opendss_tolerance)

@@ -46,12 +46,11 @@ class PowerFlowResult:
         return self.voltages.abs()
 
     def _conductor_voltages(self) -> np.ndarray:
-        """Volts on every branch conductor (0 on ground)."""
-        br, net = self.network.branches, self.network
-        v = np.zeros(br.conductor_node.shape + self.V.shape[1:], complex)
-        on = br.conductor_node != GROUND
-        v[on] = self.V[br.conductor_node[on]] * net.vbase[br.conductor_node[on], None].squeeze(-1) \
-            if not self.batched else self.V[br.conductor_node[on]] * net.vbase[br.conductor_node[on], None]
+        """Volts on every branch conductor of a snapshot (0 on ground)."""
+        node, vbase = self.network.branches.conductor_node, self.network.vbase
+        on = node != GROUND
+        v = np.zeros(node.shape, complex)
+        v[on] = self.V[node[on]] * vbase[node[on]]
         return v
 
     def branch_flows(self) -> pd.DataFrame:
