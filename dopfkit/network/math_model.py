@@ -249,3 +249,28 @@ def _drop_isolated_loads(feeder: Feeder, loads: LoadPairs, energized: np.ndarray
     for name in dict.fromkeys(loads.names[dead]):
         if name not in reported:
             feeder.report.add(name, IGNORED, "de-energized: open switches isolate its bus from the source")
+
+
+def with_injections(net: Network, nodes, s_pu, names=None) -> Network:
+    """A copy of ``net`` with constant-power injections ``s_pu`` (per unit, generator convention)
+    at the given OpenDSS nodes, wye to ground: how OPF set-points are pushed back through the exact
+    power flow. The feeder data and its import report are shared, not copied."""
+    import dataclasses
+    idx = net.nodes.get_indexer(list(nodes))
+    if (idx < 0).any():
+        raise KeyError(f"nodes not in {net.name}: {[x for x, i in zip(nodes, idx) if i < 0]}")
+    s = -np.asarray(s_pu, complex) * net.sbase            # loads draw; injections draw negative power
+    m, lp = len(idx), net.loads
+    extra = sp.csr_matrix((net.vbase[idx], (np.arange(m), idx)), shape=(m, net.n))
+    names = np.asarray(names if names is not None else [f"injection.{x}" for x in nodes])
+    cat = lambda a, b: np.concatenate([a, b])  # noqa: E731
+    loads = LoadPairs(
+        names=cat(lp.names, names), element=cat(lp.element, lp.element.max(initial=-1) + 1 + np.arange(m)),
+        node_from=cat(lp.node_from, idx), node_to=cat(lp.node_to, np.full(m, GROUND)),
+        M=sp.vstack([lp.M, extra]).tocsr(), s_nom=cat(lp.s_nom, s), v_nom=cat(lp.v_nom, net.vbase[idx]),
+        model=cat(lp.model, np.ones(m, int)), vmin=cat(lp.vmin, np.full(m, 0.5)),   # constant power
+        vmax=cat(lp.vmax, np.full(m, 2.0)), vlow=cat(lp.vlow, np.full(m, 0.25)),      # well beyond
+
+        zipv=np.vstack([lp.zipv, np.zeros((m, 7))]), exponents=np.vstack([lp.exponents, np.zeros((m, 2))]),
+        scalable=cat(lp.scalable, np.zeros(m, bool)))
+    return dataclasses.replace(net, loads=loads)

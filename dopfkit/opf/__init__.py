@@ -1,0 +1,136 @@
+"""D-OPF: one problem (:class:`OPFProblem`), several formulations, every result checked against the
+exact power flow.
+
+``solve_opf(net, formulation=..., objective=..., ders=...)`` is the entry point the chapters use.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from dopfkit.network.math_model import Network, with_injections
+from dopfkit.opf.problem import (
+    OBJECTIVES,
+    FormulationSolution,
+    OPFInfeasibleError,
+    OPFProblem,
+    der_table,
+)
+
+FORMULATIONS = ("lindist3flow", "nlp", "socp", "sdp")
+
+
+@dataclass
+class OPFResult:
+    """Set-points, voltages and objective of one formulation, and the physics check."""
+    problem: OPFProblem
+    solution: FormulationSolution
+    setpoints: pd.DataFrame        # per DER phase: node, p_kw, q_kvar
+    voltages: pd.Series            # |V| (pu) the formulation predicts, by OpenDSS node
+    exact: object                  # PowerFlowResult of the set-points pushed through the exact flow
+    check: dict                    # max voltage error, limit violations, substation power both ways
+    check_time: float
+
+    @property
+    def objective(self) -> float:
+        return self.solution.objective
+
+    def summary(self) -> pd.Series:
+        s = self.solution
+        return pd.Series({"formulation": s.formulation, "solver": s.solver, "status": s.status,
+                          "objective": s.objective, "build_s": s.build_time, "solve_s": s.solve_time,
+                          **self.check})
+
+
+def solve_opf(net: Network, formulation: str = "lindist3flow", objective: str = "substation_power",
+              ders: pd.DataFrame | None = None, vmin: float = 0.95, vmax: float = 1.05,
+              load_scale: float = 1.0, limit_nodes: str = "loads", check: bool = True,
+              **options) -> OPFResult:
+    """Solve one OPF and push its set-points back through the exact power flow.
+
+    ``formulation``: ``"lindist3flow"`` (LP/QP; ``backend="highs"`` or ``"cvxpy"``), ``"nlp"``
+    (exact branch flow, Pyomo + Ipopt), ``"socp"`` and ``"sdp"`` (relaxations, CVXPY). ``ders``: a
+    :func:`der_table` (none: the problem has no decisions and reproduces a power flow).
+    """
+    if ders is None:
+        ders = der_table(net, [], 0.0)
+    problem = OPFProblem(net, ders, objective=objective, vmin=vmin, vmax=vmax, load_scale=load_scale,
+                         limit_nodes=limit_nodes)
+    solution = _formulation(formulation)(problem, **options)
+    r = problem.radial
+    keep = r.net_index >= 0
+    voltages = pd.Series(np.sqrt(np.maximum(solution.v[keep], 0)), index=net.nodes[r.net_index[keep]],
+                         name=f"vmag_{formulation}")
+    setpoints = pd.DataFrame({"name": ders["name"], "node": ders["node_name"],
+                              "p_kw": solution.p_der * net.sbase / 1e3,
+                              "q_kvar": solution.q_der * net.sbase / 1e3,
+                              "s_rated_kva": ders["s_rated"] * net.sbase / 1e3})
+    t0 = time.perf_counter()
+    exact, report = (check_against_powerflow(problem, solution, voltages) if check else (None, {}))
+    return OPFResult(problem, solution, setpoints, voltages, exact, report, time.perf_counter() - t0)
+
+
+def _formulation(name: str):
+    if name == "lindist3flow":
+        from dopfkit.opf.lindist3flow import solve_lindist3flow
+        return solve_lindist3flow
+    if name == "nlp":
+        from dopfkit.opf.nlp import solve_nlp
+        return solve_nlp
+    if name in ("socp", "sdp"):
+        from dopfkit.opf import conic
+        return getattr(conic, f"solve_{name}")
+    raise ValueError(f"unknown formulation {name!r}; choose one of {', '.join(FORMULATIONS)}")
+
+
+def check_against_powerflow(problem: OPFProblem, solution: FormulationSolution, voltages: pd.Series):
+    """Apply the set-points to the exact power flow; compare voltages and check limits there."""
+    from dopfkit.powerflow import solve_powerflow
+    net, ders = problem.network, problem.ders
+    plant = with_injections(net, ders["node_name"], solution.p_der + 1j * solution.q_der,
+                            names=ders["name"]) if len(ders) else net
+    pf = solve_powerflow(plant, load_scale=problem.load_scale, raise_on_fail=False)
+    vm = pf.vmag[voltages.index]
+    lo, hi = problem.voltage_bounds()
+    r = problem.radial
+    keep = r.net_index >= 0
+    lo_n = pd.Series(np.sqrt(lo[keep]), index=voltages.index)
+    hi_n = pd.Series(np.sqrt(hi[keep]), index=voltages.index)
+    err = (voltages - vm).abs()
+    p_sub_exact = _source_power(pf)
+    return pf, {
+        "max_voltage_error_pu": float(err.max()), "worst_node": str(err.idxmax()),
+        "max_undervoltage_pu": float(np.maximum(lo_n - vm, 0).max()),
+        "max_overvoltage_pu": float(np.maximum(vm - hi_n, 0).max()),
+        "substation_kw_model": float(solution.s_root.real.sum() * net.sbase / 1e3),
+        "substation_kw_exact": p_sub_exact, "powerflow_converged": bool(pf.converged)}
+
+
+def _source_power(pf) -> float:
+    """kW the sources deliver in the exact solution: V conj(I) with I = I_norton - Y_source V."""
+    net = pf.network
+    i = net.i_source - _source_y(net) @ pf.V
+    return float((pf.V * np.conj(i)).real.sum() * net.sbase / 1e3)
+
+
+def _source_y(net):
+    """Per-unit source Thevenin admittance scattered on the network nodes."""
+    import scipy.sparse as sp
+
+    from dopfkit.network.primitives import source_primitive
+    index = {x: i for i, x in enumerate(net.nodes)}
+    rows, cols, vals = [], [], []
+    for s in net.feeder.sources:
+        nd = np.array([index[f"{s.buses[0]}.{k}"] for k in s.nodes[0] if k])
+        y = source_primitive(s.z)[:len(nd), :len(nd)] * np.outer(net.vbase[nd], net.vbase[nd]) / net.sbase
+        r, c = np.meshgrid(nd, nd, indexing="ij")
+        rows.append(r.ravel()), cols.append(c.ravel()), vals.append(y.ravel())
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(net.n, net.n))
+
+
+__all__ = ["FORMULATIONS", "OBJECTIVES", "FormulationSolution", "OPFInfeasibleError", "OPFProblem",
+           "OPFResult", "check_against_powerflow", "der_table", "solve_opf"]

@@ -1,0 +1,104 @@
+"""The OPF problem (what to decide, within which limits, for what objective), independent of the
+formulation (how the physics is written: LinDist3Flow, NLP, SOCP, SDP).
+
+Every formulation reads an :class:`OPFProblem` and returns a :class:`FormulationSolution` in the
+radial-node numbering of :mod:`dopfkit.network.radial`; :func:`dopfkit.opf.solve_opf` then pushes the
+set-points back through the exact power flow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from dopfkit.network.math_model import Network
+from dopfkit.network.radial import RadialNetwork, radial_network
+
+OBJECTIVES = ("substation_power", "losses", "voltage_deviation", "curtailment", "generation_cost")
+
+
+@dataclass
+class OPFProblem:
+    """Decisions: active and reactive power of each DER phase (``ders``), within its available
+    power and its inverter rating ``|p + jq| <= s_rated``. Limits: ``vmin <= |V| <= vmax`` where
+    customers are (``limit_nodes="loads"``: nodes with a load or a DER; the ANSI C84.1 service range),
+    or on every node (``"all"``; regulator outputs then count too, and IEEE 13's sit at 1.06 pu).
+    The sources' internal nodes are fixed. Per unit on ``network.sbase`` per phase.
+    """
+    network: Network
+    ders: pd.DataFrame          # one row per DER phase: name, node (radial index), s_rated, p_avail, cost
+    objective: str = "substation_power"
+    vmin: float = 0.95
+    vmax: float = 1.05
+    load_scale: float = 1.0
+    limit_nodes: str = "loads"
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.limit_nodes not in ("loads", "all"):
+            raise ValueError(f"limit_nodes must be 'loads' or 'all', not {self.limit_nodes!r}")
+
+    def voltage_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bounds on the squared voltage magnitude of every radial node (roots fixed)."""
+        r = self.radial
+        limited = np.ones(r.n, bool)
+        if self.limit_nodes == "loads":
+            limited[:] = False
+            ld = r.loads
+            for col in ("node_from", "node_to"):
+                k = ld[col].to_numpy()
+                limited[k[k >= 0]] = True
+            limited[self.ders["node"].to_numpy()] = True
+        lo = np.where(limited, self.vmin**2, 0.0)
+        hi = np.where(limited, self.vmax**2, np.inf)
+        lo[r.root] = hi[r.root] = r.v_root
+        return lo, hi
+
+    @property
+    def radial(self) -> RadialNetwork:
+        return radial_network(self.network)
+
+    @property
+    def n_ders(self) -> int:
+        return len(self.ders)
+
+
+def der_table(net: Network, nodes, s_rated_kva, p_avail_kw=None, cost=1.0, names=None) -> pd.DataFrame:
+    """DER phases at the given OpenDSS nodes (``"675.1"``), ratings in kVA, available power in kW
+    (default: the rating), per-unit on the network's base. A three-phase unit is three rows."""
+    radial = radial_network(net)
+    nodes = list(nodes)
+    pos = radial.nodes.get_indexer(nodes)
+    if (pos < 0).any():
+        bad = [x for x, p in zip(nodes, pos) if p < 0]
+        raise KeyError(f"DER nodes not in {net.name}'s energized phase nodes: {bad}")
+    s = np.broadcast_to(np.asarray(s_rated_kva, float), (len(nodes),)) * 1e3 / net.sbase
+    p = s if p_avail_kw is None else np.broadcast_to(np.asarray(p_avail_kw, float),
+                                                     (len(nodes),)) * 1e3 / net.sbase
+    return pd.DataFrame({"name": names if names is not None else [f"der.{x}" for x in nodes],
+                         "node": pos, "node_name": nodes, "s_rated": s, "p_avail": np.minimum(p, s),
+                         "cost": np.broadcast_to(np.asarray(cost, float), (len(nodes),))})
+
+
+@dataclass
+class FormulationSolution:
+    """What a formulation returns, in radial-node numbering and per unit."""
+    formulation: str
+    status: str                 # "optimal" or the solver's word
+    objective: float
+    v: np.ndarray               # squared voltage magnitude per radial node
+    p_der: np.ndarray
+    q_der: np.ndarray
+    s_root: np.ndarray          # complex power the sources deliver, per root node
+    build_time: float
+    solve_time: float
+    solver: str
+    iterations: int | None = None
+    extra: dict = field(default_factory=dict)   # e.g. rank or eigenvalue ratio of relaxations
+
+
+class OPFInfeasibleError(RuntimeError):
+    """The model has no feasible point; the message names the constraint family that an elastic
+    (slack-penalized) re-solve had to relax."""
