@@ -68,6 +68,15 @@ class RadialNetwork:
     def n(self) -> int:
         return len(self.nodes)
 
+    def behind_approximation(self) -> np.ndarray:
+        """Nodes fed through a branch this view had to approximate (a floating delta's pseudo-inverse):
+        their phase-to-ground voltages are only as good as that approximation."""
+        approx = {name for name, how in self.approximations if "floating" in how}
+        flag = np.zeros(self.n, bool)
+        for br in self.branches:                         # branches are in breadth-first order
+            flag[br.child] = br.name in approx or flag[br.parent].any()
+        return flag
+
     def __repr__(self) -> str:
         return (f"RadialNetwork({self.network.name!r}: {self.n} nodes, {len(self.branches)} branches, "
                 f"{len(self.loads)} load pairs)")

@@ -376,7 +376,9 @@ def elastic_diagnosis(problem, lp, penalty: float = 1e3, shed_weight: float = 10
     from dopfkit.opf.standard_form import StandardFormLP, solve_highs
     m, ncol = lp.A.shape
     vcols = np.arange(lp.columns["v"].start, lp.columns["v"].stop)
-    free = np.flatnonzero((lp.lower[vcols] < lp.upper[vcols]) & np.isfinite(lp.upper[vcols]))
+    limited = np.isfinite(lp.upper[vcols])
+    limited[problem.radial.root] = False                 # the source voltage is data, not a limit
+    free = np.flatnonzero(limited)
     nv, nb = len(free), lp.rows["power balance Q"].stop
     # new columns: v above its max, v below its min, and +/- balance slacks (load not served)
     ncol2 = ncol + 2 * nv + 2 * nb
