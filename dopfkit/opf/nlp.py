@@ -1,0 +1,411 @@
+"""The exact multiphase branch-flow OPF: a nonlinear program in Pyomo, solved by Ipopt.
+
+Current-voltage form in rectangular coordinates on the radial network
+(:mod:`dopfkit.network.radial`). Variables: the complex voltage ``V_k = V^r_k + j V^i_k`` of every
+node, the current ``I_c`` the feeding branch delivers into every non-root node ``c``, a current ``J_l``
+for every load pair that is not wye to ground (delta, line to line), and the DER set-points
+``p_g, q_g``. Every law is a named, indexed constraint family, so an infeasibility can be attributed::
+
+    branch_law[c, re|im]     V_c = N_b V_parent(b) - Z_b I_c                     (each branch b)
+    power_balance[k, p|q]    V_k conj(X_k) = S^load_k(V, J) - sum_{g at k} (p_g + j q_g)
+                             X_k = I_k - sum_{b: k in parent(b)} (N_b^H I_b)_k - (Y^sh V)_k
+    load_pair[l, p|q]        w_l conj(J_l) = P_l F^p_l(|w_l|^2) + j Q_l F^q_l(|w_l|^2)
+                             w_l = (g_f V_f - g_t V_t) / v_l
+    voltage_lower[k]         |V_k|^2 >= vmin^2        (limited nodes: OPFProblem.voltage_bounds)
+    voltage_upper[k]         |V_k|^2 <= vmax^2
+    der_rating[g]            p_g^2 + q_g^2 <= s_g^2,   0 <= p_g <= p^avail_g  (variable bounds)
+
+with the roots (the sources' EMF nodes) fixed at ``sqrt(v_root) alpha``. A wye load ``l`` at node ``f``
+draws ``S_l = P_l F^p_l(x) + j Q_l F^q_l(x)``, ``x = (g_f / v_l)^2 |V_f|^2``; a pair load draws
+``(g_f V_f / v_l) conj(J_l)`` at ``f`` and returns ``(g_t V_t / v_l) conj(J_l)`` at ``t`` (``g``: the
+nodes' voltage bases, ``v_l``: the pair's rated voltage, both in volts). OpenDSS's voltage laws are
+exact functions of the squared pair voltage: ``F(x) = x^(e/2)`` for models 1-5 (exponent ``e``: 0
+constant power, 1 constant current, 2 constant impedance, model 4's CVR factors) and
+``F(x) = z x + i sqrt(x) + p`` for ZIP (model 8). (OpenDSS's switch to an impedance outside
+``vminpu..vmaxpu`` of a load is not modelled: keep the OPF's band inside the loads'; a solution lists
+the loads that left their band in ``extra["loads_outside_band"]``.)
+
+Objectives (per unit, minimized): ``substation_power`` = sum Re(s_root) with
+``s_root = -V_root conj(X_root)``; ``losses`` = sum over the feeder's series elements (lines,
+switches, transformers, reactors; not the source's Thevenin impedance, as OpenDSS counts them) of
+``Re(I_b^H Z_b I_b)``; ``voltage_deviation`` = sum (|V_k|^2 - 1)^2; ``curtailment`` =
+sum (p^avail - p); ``generation_cost`` = sum Re(s_root) + sum cost p.
+
+Why Pyomo: the model is a polynomial program with a few fractional powers, which Pyomo hands to Ipopt
+with exact first and second derivatives (through the AMPL library); CVXPY could not state it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyomo.environ as pyo
+import scipy.sparse as sp
+from pyomo.opt import TerminationCondition
+
+from dopfkit import solvers
+from dopfkit.network.radial import RadialNetwork
+from dopfkit.opf.problem import FormulationSolution, OPFInfeasibleError, OPFProblem
+
+ELASTIC = ("voltage_lower", "voltage_upper", "der_rating")   # families an elastic re-solve relaxes
+PENALTY = 1e4           # per unit of slack: far above any objective's per-unit scale
+SLACK_TOL = 1e-6
+_OK = (TerminationCondition.optimal, TerminationCondition.locallyOptimal)
+
+
+@dataclass
+class _Structure:
+    """Sparse maps of the radial network in node numbering (numpy only, no Pyomo)."""
+    radial: RadialNetwork
+    nonroot: np.ndarray
+    A_V: sp.csr_matrix          # branch law: A_V V + Z I = 0 on non-root rows (A_V = E - N)
+    Z: sp.csr_matrix            # block diagonal series impedances, child x child
+    B_I: sp.csr_matrix          # net current into each node: X = B_I I + B_V V
+    B_V: sp.csr_matrix
+    lossy: np.ndarray           # non-root nodes fed by a series element (not the source)
+
+
+def _structure(radial: RadialNetwork) -> _Structure:
+    n = radial.n
+    rows, cols, vals, zr, zc, zv = [], [], [], [], [], []
+    for br in radial.branches:
+        r, c = np.meshgrid(br.child, br.parent, indexing="ij")
+        rows.append(r.ravel()), cols.append(c.ravel()), vals.append(br.N.ravel())
+        r, c = np.meshgrid(br.child, br.child, indexing="ij")
+        zr.append(r.ravel()), zc.append(c.ravel()), zv.append(br.Z.ravel())
+    cat = np.concatenate
+    N = sp.csr_matrix((cat(vals), (cat(rows), cat(cols))), shape=(n, n))
+    Z = sp.csr_matrix((cat(zv), (cat(zr), cat(zc))), shape=(n, n))
+    nonroot = np.setdiff1d(np.arange(n), radial.root)
+    E = sp.diags(np.isin(np.arange(n), nonroot).astype(complex)).tocsr()
+    source_fed = cat([br.child for br in radial.branches if br.kind == "source"])
+    for m in (N, Z):
+        m.eliminate_zeros()
+    return _Structure(radial, nonroot, (E - N).tocsr(), Z, (E - N.conj().T).tocsr(),
+                      (-radial.shunt).tocsr(), np.setdiff1d(nonroot, source_fed))
+
+
+# --------------------------------------------------------------------------------- model building
+def _complex_rows(M: sp.csr_matrix, xr, xi, rows) -> tuple[dict, dict]:
+    """Real and imaginary parts of (M x)_r as Pyomo linear expressions, x = xr + j xi."""
+    re, im = {}, {}
+    for r in rows:
+        sl = slice(M.indptr[r], M.indptr[r + 1])
+        terms_r, terms_i = [], []
+        for c, a in zip(M.indices[sl], M.data[sl]):
+            if a.real:
+                terms_r.append(a.real * xr[c]), terms_i.append(a.real * xi[c])
+            if a.imag:
+                terms_r.append(-a.imag * xi[c]), terms_i.append(a.imag * xr[c])
+        re[r], im[r] = pyo.quicksum(terms_r), pyo.quicksum(terms_i)
+    return re, im
+
+
+def _law(x, terms) -> object:
+    """sum c x^(e/2): OpenDSS's voltage law in the squared (pair) voltage x."""
+    out = 0
+    for c, e in terms:
+        if c:
+            out = out + c * (1 if e == 0 else x if e == 2 else x ** (e / 2))
+    return out
+
+
+def _load_laws(ld) -> list[tuple[list, list]]:
+    """(terms of P, terms of Q) per load pair: [(coefficient, exponent), ...]."""
+    out = []
+    for row in ld.itertuples():
+        if row.model == 8:
+            out.append(([(row.zp, 2), (row.ip, 1), (row.pp, 0)], [(row.zq, 2), (row.iq, 1), (row.pq, 0)]))
+        else:
+            out.append(([(1.0, row.exp_p)], [(1.0, row.exp_q)]))
+    return out
+
+
+def build_nlp(problem: OPFProblem, elastic: bool = False) -> pyo.ConcreteModel:
+    """The Pyomo model of ``problem`` (not solved). ``elastic=True`` adds nonnegative slacks to the
+    families in :data:`ELASTIC`, penalized in the objective, for diagnosing infeasibility."""
+    radial = problem.radial
+    st = _structure(radial)
+    n, nonroot, roots = radial.n, st.nonroot, radial.root
+    m = pyo.ConcreteModel(name=f"nlp_{radial.network.name}")
+    m.nodes, m.nonroot = pyo.Set(initialize=range(n)), pyo.Set(initialize=nonroot.tolist())
+    m.Vr, m.Vi = pyo.Var(m.nodes, initialize=1.0), pyo.Var(m.nodes, initialize=0.0)
+    m.Ir, m.Ii = pyo.Var(m.nonroot, initialize=0.0), pyo.Var(m.nonroot, initialize=0.0)
+    e0 = np.sqrt(radial.v_root) * radial.alpha[roots]
+    for k, e in zip(roots, e0):
+        m.Vr[k].fix(e.real), m.Vi[k].fix(e.imag)
+    _ders(m, problem)
+
+    # branch law: V_c - (N V)_c + (Z I)_c = 0
+    vr, vi = _complex_rows(st.A_V, m.Vr, m.Vi, nonroot)
+    zr, zi = _complex_rows(st.Z, m.Ir, m.Ii, nonroot)
+    m.branch_law = pyo.Constraint(m.nonroot, ["re", "im"], rule=lambda m, c, part:
+                                  (vr[c] + zr[c] if part == "re" else vi[c] + zi[c]) == 0)
+    # net current into every node: own feed minus what child branches and shunts draw
+    xr_i, xi_i = _complex_rows(st.B_I, m.Ir, m.Ii, range(n))
+    xr_v, xi_v = _complex_rows(st.B_V, m.Vr, m.Vi, range(n))
+    m.Xr = pyo.Expression(m.nodes, rule=lambda m, k: xr_i[k] + xr_v[k])
+    m.Xi = pyo.Expression(m.nodes, rule=lambda m, k: xi_i[k] + xi_v[k])
+    load_p, load_q = _loads(m, radial, problem.load_scale)
+    der_p, der_q = _der_at_nodes(m, problem)
+    m.power_balance = pyo.Constraint(m.nonroot, ["p", "q"], rule=lambda m, k, part: (
+        m.Vr[k] * m.Xr[k] + m.Vi[k] * m.Xi[k] == load_p[k] - der_p[k] if part == "p"
+        else m.Vi[k] * m.Xr[k] - m.Vr[k] * m.Xi[k] == load_q[k] - der_q[k]))
+
+    m.v = pyo.Expression(m.nodes, rule=lambda m, k: m.Vr[k] ** 2 + m.Vi[k] ** 2)
+    _limits(m, problem, elastic)
+    m.p_root = pyo.Expression(roots.tolist(), rule=lambda m, k: -(m.Vr[k] * m.Xr[k] + m.Vi[k] * m.Xi[k]))
+    m.losses = pyo.Expression(expr=pyo.quicksum(zr[c] * m.Ir[c] + zi[c] * m.Ii[c] for c in st.lossy))
+    obj = _objective(m, problem)
+    if elastic:
+        obj = obj + PENALTY * pyo.quicksum(getattr(m, f"slack_{f}")[k] for f in ELASTIC
+                                           for k in getattr(m, f"slack_{f}"))
+    m.objective = pyo.Objective(expr=obj, sense=pyo.minimize)
+    m._structure = st
+    return m
+
+
+def _ders(m, problem: OPFProblem) -> None:
+    d = problem.ders
+    m.ders = pyo.Set(initialize=range(len(d)))
+    p_avail, s_rated = d["p_avail"].to_numpy(float), d["s_rated"].to_numpy(float)
+    m.p = pyo.Var(m.ders, bounds=lambda m, g: (0.0, p_avail[g]), initialize=0.0)
+    m.q = pyo.Var(m.ders, bounds=lambda m, g: (-s_rated[g], s_rated[g]), initialize=0.0)
+
+
+def _der_at_nodes(m, problem: OPFProblem) -> tuple[dict, dict]:
+    at: dict[int, list[int]] = {}
+    for g, k in enumerate(problem.ders["node"].to_numpy(int)):
+        at.setdefault(int(k), []).append(g)
+    p = {k: pyo.quicksum(m.p[g] for g in at.get(k, ())) for k in m.nonroot}
+    q = {k: pyo.quicksum(m.q[g] for g in at.get(k, ())) for k in m.nonroot}
+    return p, q
+
+
+def _loads(m, radial: RadialNetwork, load_scale: float) -> tuple[dict, dict]:
+    """Power every load draws at each node (Pyomo expressions); adds J and load_pair for pairs."""
+    ld = radial.loads
+    s = ld["s_pu"].to_numpy(complex) * np.where(ld["scalable"].to_numpy(bool), load_scale, 1.0)
+    f, t = ld["node_from"].to_numpy(int), ld["node_to"].to_numpy(int)
+    a = ld["vbase_from"].to_numpy(float) / ld["v_nom"].to_numpy(float)
+    b = ld["vbase_to"].to_numpy(float) / ld["v_nom"].to_numpy(float)
+    laws = _load_laws(ld)
+    P = {k: [] for k in m.nonroot}
+    Q = {k: [] for k in m.nonroot}
+    for j in np.flatnonzero(t < 0):                       # wye to ground: power is a function of |V_f|
+        x = a[j] ** 2 * (m.Vr[f[j]] ** 2 + m.Vi[f[j]] ** 2)
+        P[f[j]].append(s[j].real * _law(x, laws[j][0]))
+        Q[f[j]].append(s[j].imag * _law(x, laws[j][1]))
+    pairs = np.flatnonzero(t >= 0)
+    m.pairs = pyo.Set(initialize=pairs.tolist())
+    m.Jr, m.Ji = pyo.Var(m.pairs, initialize=0.0), pyo.Var(m.pairs, initialize=0.0)
+    wr = {j: a[j] * m.Vr[f[j]] - b[j] * m.Vr[t[j]] for j in pairs}
+    wi = {j: a[j] * m.Vi[f[j]] - b[j] * m.Vi[t[j]] for j in pairs}
+    m.load_pair = pyo.Constraint(m.pairs, ["p", "q"], rule=lambda m, j, part: (
+        wr[j] * m.Jr[j] + wi[j] * m.Ji[j] == s[j].real * _law(wr[j] ** 2 + wi[j] ** 2, laws[j][0])
+        if part == "p" else
+        wi[j] * m.Jr[j] - wr[j] * m.Ji[j] == s[j].imag * _law(wr[j] ** 2 + wi[j] ** 2, laws[j][1])))
+    for j in pairs:                                       # (g V / v_l) conj(J) at each end
+        for k, g in ((f[j], a[j]), (t[j], -b[j])):
+            P[k].append(g * (m.Vr[k] * m.Jr[j] + m.Vi[k] * m.Ji[j]))
+            Q[k].append(g * (m.Vi[k] * m.Jr[j] - m.Vr[k] * m.Ji[j]))
+    return {k: pyo.quicksum(v) for k, v in P.items()}, {k: pyo.quicksum(v) for k, v in Q.items()}
+
+
+def _limits(m, problem: OPFProblem, elastic: bool) -> None:
+    lo, hi = problem.voltage_bounds()                    # shared with every formulation
+    limited = [k for k in m.nonroot if np.isfinite(hi[k])]
+    s2 = problem.ders["s_rated"].to_numpy(float) ** 2
+    if elastic:
+        for fam in ELASTIC:
+            index = m.ders if fam == "der_rating" else limited
+            m.add_component(f"slack_{fam}", pyo.Var(index, bounds=(0, None), initialize=0.0))
+    slack = (lambda fam, k: getattr(m, f"slack_{fam}")[k]) if elastic else (lambda fam, k: 0)
+    m.voltage_lower = pyo.Constraint(limited, rule=lambda m, k: m.v[k] + slack("voltage_lower", k) >= lo[k])
+    m.voltage_upper = pyo.Constraint(limited, rule=lambda m, k: m.v[k] - slack("voltage_upper", k) <= hi[k])
+    m.der_rating = pyo.Constraint(m.ders, rule=lambda m, g: (
+        m.p[g] ** 2 + m.q[g] ** 2 - slack("der_rating", g) <= s2[g]))
+
+
+def _objective(m, problem: OPFProblem):
+    d = problem.ders
+    p_sub = pyo.quicksum(m.p_root[k] for k in m.p_root)
+    name = problem.objective
+    if name == "substation_power":
+        return p_sub
+    if name == "losses":
+        return m.losses
+    if name == "voltage_deviation":
+        return pyo.quicksum((m.v[k] - 1) ** 2 for k in m.nonroot)
+    if name == "curtailment":
+        return pyo.quicksum(d["p_avail"].iloc[g] - m.p[g] for g in m.ders)
+    if name == "generation_cost":
+        return p_sub + pyo.quicksum(d["cost"].iloc[g] * m.p[g] for g in m.ders)
+    raise ValueError(f"objective {name!r} has no NLP form")
+
+
+# ---------------------------------------------------------------------------------- warm start
+def initialize(m, problem: OPFProblem, warm_start: bool = True) -> None:
+    """Set the model's starting point. ``warm_start``: the exact power flow with the DERs off
+    (voltages, then branch and pair currents from the branch and load laws); otherwise, or when that
+    power flow diverges, a flat start at the no-load voltages ``sqrt(v_root) alpha``."""
+    from dopfkit.powerflow import PowerFlowError, solve_powerflow
+
+    radial = problem.radial
+    V = np.sqrt(radial.v_root.max()) * radial.alpha
+    if warm_start:
+        try:
+            pf = solve_powerflow(problem.network, load_scale=problem.load_scale)
+            on = radial.net_index >= 0
+            V[on] = pf.V[radial.net_index[on]]
+        except PowerFlowError:
+            pass                                 # overloaded beyond collapse: Ipopt will say so
+    V[radial.root] = np.sqrt(radial.v_root) * radial.alpha[radial.root]
+    _set_point(m, problem, V)
+
+
+def _set_point(m, problem: OPFProblem, V: np.ndarray) -> None:
+    radial = problem.radial
+    cur = np.zeros(radial.n, complex)
+    for br in radial.branches:                  # from the branch law (least squares on a floating Z)
+        cur[br.child] = np.linalg.lstsq(br.Z, br.N @ V[br.parent] - V[br.child], rcond=None)[0]
+    for k in m.nonroot:
+        m.Ir[k].set_value(cur[k].real), m.Ii[k].set_value(cur[k].imag)
+        m.Vr[k].set_value(V[k].real), m.Vi[k].set_value(V[k].imag)
+    ld = radial.loads
+    s = ld["s_pu"].to_numpy(complex) * np.where(ld["scalable"].to_numpy(bool), problem.load_scale, 1.0)
+    laws = _load_laws(ld)
+    for j in m.pairs:
+        f, t = ld["node_from"].iloc[j], ld["node_to"].iloc[j]
+        w = (ld["vbase_from"].iloc[j] * V[f] - ld["vbase_to"].iloc[j] * V[t]) / ld["v_nom"].iloc[j]
+        x = abs(w) ** 2
+        sl = s[j].real * _law(x, laws[j][0]) + 1j * s[j].imag * _law(x, laws[j][1])
+        J = np.conj(sl / w)
+        m.Jr[j].set_value(J.real), m.Ji[j].set_value(J.imag)
+
+
+# --------------------------------------------------------------------------------------- solving
+def _run_ipopt(m, solver: str, tol: float, options: dict):
+    """Solve in place; (termination condition, message, iterations, seconds)."""
+    plugin = solvers.pyomo_plugin(solver)
+    opt = pyo.SolverFactory(plugin)
+    opts = {"tol": tol, "print_level": 0, "sb": "yes", **options}
+    iters = [None]
+    kw = {}
+    if plugin == "cyipopt":
+        def count(*args):                # Pyomo passes (nlp, alg_mod, iter_count, ...) to *args
+            iters[0] = args[2]
+            return True
+        kw["intermediate_callback"] = count
+    t0 = time.perf_counter()
+    tee = opts["print_level"] > 0                       # print_level=5 asks for Ipopt's log
+    results = opt.solve(m, tee=tee, load_solutions=False, options=opts, **kw)
+    seconds = time.perf_counter() - t0
+    tc = results.solver.termination_condition
+    if tc in _OK:
+        m.solutions.load_from(results)
+    message = results.solver.message or str(tc)
+    if isinstance(message, bytes):                       # cyipopt reports Ipopt's bytes
+        message = message.decode()
+    return tc, message.strip().rstrip("."), iters[0], seconds, plugin
+
+
+def solve_nlp(problem: OPFProblem, solver: str = "ipopt", tol: float = 1e-8, warm_start: bool = True,
+              **options) -> FormulationSolution:
+    """Solve the exact branch-flow OPF. Options go to Ipopt (``max_iter=...``, ``print_level=5``).
+
+    Raises :class:`OPFInfeasibleError` (naming the constraint family an elastic re-solve had to
+    relax) when Ipopt does not reach an optimum.
+    """
+    t0 = time.perf_counter()
+    m = build_nlp(problem)
+    initialize(m, problem, warm_start)
+    build_time = time.perf_counter() - t0
+    tc, message, iters, solve_time, plugin = _run_ipopt(m, solver, tol, options)
+    if tc not in _OK:
+        raise _diagnose(problem, solver, tol, options, warm_start, message)
+    return _solution(m, problem, build_time, solve_time, plugin, iters, message)
+
+
+def _values(m, problem: OPFProblem) -> tuple[np.ndarray, np.ndarray]:
+    n = problem.radial.n
+    V = np.array([pyo.value(m.Vr[k]) + 1j * pyo.value(m.Vi[k]) for k in range(n)])
+    cur = np.zeros(n, complex)
+    nr = list(m.nonroot)
+    cur[nr] = [pyo.value(m.Ir[k]) + 1j * pyo.value(m.Ii[k]) for k in nr]
+    return V, cur
+
+
+def _solution(m, problem, build_time, solve_time, plugin, iters, message) -> FormulationSolution:
+    st, radial = m._structure, problem.radial
+    V, cur = _values(m, problem)
+    X = st.B_I @ cur + st.B_V @ V
+    s_root = -V[radial.root] * np.conj(X[radial.root])
+    nd = len(problem.ders)
+    p = np.array([pyo.value(m.p[g]) for g in range(nd)], float)
+    q = np.array([pyo.value(m.q[g]) for g in range(nd)], float)
+    return FormulationSolution(
+        formulation="nlp", status="optimal", objective=float(pyo.value(m.objective)),
+        v=np.abs(V) ** 2, p_der=p, q_der=q, s_root=s_root, build_time=build_time, solve_time=solve_time,
+        solver=f"ipopt ({plugin})", iterations=iters,
+        extra={"V": V, "I": cur, "losses": float(pyo.value(m.losses)), "message": message, "model": m,
+               "loads_outside_band": _loads_outside_band(radial, V)})
+
+
+def _loads_outside_band(radial: RadialNetwork, V: np.ndarray) -> list[str]:
+    """Loads whose pair voltage left OpenDSS's vminpu..vmaxpu band: there OpenDSS (and the exact
+    power flow) turn them into impedances, which the NLP does not model."""
+    net = radial.network
+    on = radial.net_index >= 0
+    v_net = np.zeros(net.n, complex)
+    v_net[radial.net_index[on]] = V[on]
+    lp = net.loads
+    u = np.abs(lp.M @ v_net) / lp.v_nom
+    out = (lp.s_nom != 0) & ((u < lp.vmin) | (u > lp.vmax)) & (lp.model != 2)   # model 2 has no band
+    return list(dict.fromkeys(map(str, lp.names[out])))
+
+
+# ------------------------------------------------------------------------------------- diagnosis
+_MEANING = {
+    "voltage_lower": "|V|^2 >= vmin^2",
+    "voltage_upper": "|V|^2 <= vmax^2",
+    "der_rating": "p^2 + q^2 <= s_rated^2",
+}
+
+
+def _diagnose(problem: OPFProblem, solver, tol, options, warm_start, message) -> Exception:
+    """Re-solve with slacks on the limit families; name the family that needed them."""
+    radial, name = problem.radial, problem.network.name
+    m = build_nlp(problem, elastic=True)
+    initialize(m, problem, warm_start)
+    tc, msg2, *_ = _run_ipopt(m, solver, tol, {"max_iter": 500, **options})   # bounded diagnosis
+    head = (f"NLP OPF on {name} ({problem.objective}, vmin={problem.vmin}, vmax={problem.vmax}): "
+            f"Ipopt: {message}.")
+    if tc not in _OK:
+        return OPFInfeasibleError(
+            f"{head} An elastic re-solve (slacks on {', '.join(ELASTIC)}) also failed ({msg2}): the "
+            "power-flow equations themselves (families power_balance, branch_law, load_pair) most likely "
+            "have no solution at this loading: past the nose of the PV curve, with the loads' laws kept "
+            "at every voltage (OpenDSS would turn them into impedances below their vminpu).")
+    found = []
+    for fam in ELASTIC:
+        slack = getattr(m, f"slack_{fam}")
+        vals = {k: pyo.value(slack[k]) for k in slack}
+        bad = {k: v for k, v in vals.items() if v > SLACK_TOL}
+        if bad:
+            label = (lambda k: radial.nodes[k]) if fam != "der_rating" else \
+                (lambda k: problem.ders["name"].iloc[k])
+            worst = sorted(bad, key=bad.get, reverse=True)[:5]
+            found.append((sum(bad.values()), fam, len(bad), max(bad.values()), [label(k) for k in worst]))
+    if not found:
+        return OPFInfeasibleError(
+            f"{head} An elastic re-solve needed no slack, so the model is feasible and the failure is "
+            "numerical: try warm_start=True, a looser tol, or more iterations (max_iter=...).")
+    found.sort(reverse=True)
+    total, fam, count, worst, where = found[0]
+    others = "; ".join(f"{f} ({c} constraints, up to {w:.3g})" for _, f, c, w, _ in found[1:])
+    return OPFInfeasibleError(
+        f"{head} Constraint family {fam!r} ({_MEANING[fam]}) is infeasible: an elastic re-solve had to "
+        f"relax {count} of its constraints by up to {worst:.3g} pu^2 (at {', '.join(map(str, where))})"
+        + (f"; also relaxed: {others}" if others else "") + ".")

@@ -1,0 +1,122 @@
+"""The exact branch-flow NLP, checked against the exact (Z-bus) power flow with its set-points put back
+in as injections: with no decisions the NLP's feasible set is one point, the power-flow solution."""
+import numpy as np
+import pytest
+
+import dopfkit as dk
+from dopfkit import solvers
+from dopfkit.network.math_model import with_injections
+from dopfkit.network.radial import radial_network
+from dopfkit.opf.nlp import solve_nlp
+from dopfkit.opf.problem import OPFInfeasibleError, OPFProblem, der_table
+
+pytestmark = pytest.mark.skipif(not solvers.available()["ipopt"], reason="ipopt is not installed")
+
+DERS_13 = ["675.1", "675.2", "675.3", "680.1", "680.2", "680.3"]
+# IEEE 13's regulator taps are fixed (10, 8, 11 steps): rg60 sits at 1.056 pu whatever the DERs do,
+# so a feasible band must reach above it
+VMAX_13 = 1.06
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return {f: dk.load_feeder(f) for f in ("ieee13", "ieee123")}
+
+
+def _vmag_error(sol, radial, pf):
+    on = radial.net_index >= 0
+    return np.abs(np.sqrt(sol.v[on]) - np.abs(pf.V[radial.net_index[on]]))
+
+
+@pytest.mark.parametrize("feeder", ["ieee13", "ieee123"])
+def test_without_ders_the_nlp_is_the_exact_power_flow(nets, feeder):
+    net = nets[feeder]
+    r = radial_network(net)
+    prob = OPFProblem(net, der_table(net, [], 1.0), objective="substation_power", vmin=0.8, vmax=1.2)
+    sol = solve_nlp(prob)
+    pf = dk.solve_powerflow(net)
+    assert sol.status == "optimal" and sol.iterations is not None
+    # every node, IEEE 123's floating delta secondary (610) included: no load there, so the
+    # zero-sequence voltage the branch-flow view leaves out is the one the power flow finds
+    assert _vmag_error(sol, r, pf).max() <= 1e-6
+    assert sol.objective == pytest.approx(sol.s_root.real.sum(), rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def loss_opf(nets):
+    net = nets["ieee13"]
+    prob = OPFProblem(net, der_table(net, DERS_13, s_rated_kva=300, p_avail_kw=250), objective="losses",
+                      vmin=0.95, vmax=VMAX_13)
+    sol = solve_nlp(prob)
+    pf = dk.solve_powerflow(with_injections(net, DERS_13, sol.p_der + 1j * sol.q_der))
+    return net, prob, sol, pf
+
+
+def test_loss_minimum_matches_the_power_flow_at_its_set_points(loss_opf):
+    net, prob, sol, pf = loss_opf
+    r = radial_network(net)
+    assert sol.extra["loads_outside_band"] == []    # OpenDSS's load laws are the NLP's there
+    assert _vmag_error(sol, r, pf).max() <= 1e-5
+    losses_pu = pf.losses.real * 1e3 / net.sbase    # PowerFlowResult.losses is in kW
+    assert sol.objective == pytest.approx(losses_pu, rel=1e-4)
+
+
+def test_loss_minimum_respects_every_limit_in_the_power_flow(loss_opf):
+    net, prob, sol, pf = loss_opf
+    r = radial_network(net)
+    vm = np.abs(pf.V[r.net_index[r.net_index >= 0]])
+    assert vm.min() >= prob.vmin - 1e-6 and vm.max() <= prob.vmax + 1e-6
+    d = prob.ders
+    assert (sol.p_der >= -1e-6).all() and (sol.p_der <= d["p_avail"] + 1e-6).all()
+    assert (np.hypot(sol.p_der, sol.q_der) <= d["s_rated"] + 1e-6).all()
+
+
+def test_loss_minimum_beats_the_feeder_without_ders(loss_opf):
+    """DERs off is a feasible point of this problem (no-DER voltages lie in the band), so its exact
+    losses bound the optimum from above; the DERs serving load locally must cut them."""
+    net, prob, sol, _ = loss_opf
+    base = dk.solve_powerflow(net)
+    assert np.abs(base.V).max() <= prob.vmax and np.abs(base.V[np.abs(base.V) > 0.5]).min() >= prob.vmin
+    assert sol.objective < 0.9 * base.losses.real * 1e3 / net.sbase
+
+
+def test_cold_start_reaches_the_same_optimum(loss_opf):
+    _, prob, warm, _ = loss_opf
+    cold = solve_nlp(prob, warm_start=False)
+    assert cold.objective == pytest.approx(warm.objective, rel=1e-6)
+    np.testing.assert_allclose(cold.v, warm.v, atol=1e-6)
+
+
+def test_unreachable_voltage_band_names_the_voltage_family(nets):
+    net = nets["ieee13"]
+    prob = OPFProblem(net, der_table(net, DERS_13, s_rated_kva=30, p_avail_kw=20), objective="losses",
+                      vmin=1.0, vmax=1.0)
+    with pytest.raises(OPFInfeasibleError, match=r"family 'voltage_(upper|lower)'"):
+        solve_nlp(prob)
+
+
+def test_overload_beyond_collapse_blames_the_power_flow_equations(nets):
+    net = nets["ieee13"]
+    prob = OPFProblem(net, der_table(net, DERS_13, 30, 20), objective="losses", vmin=0.5, vmax=1.5,
+                      load_scale=5.0)
+    with pytest.raises(OPFInfeasibleError, match="power_balance"):
+        solve_nlp(prob)
+
+
+def test_zip_and_exponential_loads_follow_opendss_laws(nets):
+    """IEEE 13 has constant P, I and Z loads only; turn some into ZIP (model 8, delta and wye) and
+    CVR exponents (model 4) and the NLP must still land on the exact power flow's voltages."""
+    import dataclasses
+
+    net = nets["ieee13"]
+    lp = net.loads
+    model, expo, zipv = lp.model.copy(), lp.exponents.copy(), lp.zipv.copy()
+    is_zip = np.isin(lp.names, ["load.671", "load.634a", "load.652"])
+    is_cvr = np.isin(lp.names, ["load.675a", "load.675b", "load.692"])
+    model[is_zip], zipv[is_zip] = 8, [0.3, 0.3, 0.4, 0.2, 0.5, 0.3, 0.0]
+    model[is_cvr], expo[is_cvr] = 4, [0.8, 3.0]
+    mixed = dataclasses.replace(net, loads=dataclasses.replace(lp, model=model, exponents=expo, zipv=zipv))
+    prob = OPFProblem(mixed, der_table(mixed, [], 1.0), objective="substation_power", vmin=0.8, vmax=1.2)
+    sol = solve_nlp(prob)
+    assert sol.extra["loads_outside_band"] == []
+    assert _vmag_error(sol, radial_network(mixed), dk.solve_powerflow(mixed)).max() <= 1e-6
