@@ -342,7 +342,7 @@ def solve_multiperiod(net: Network, ders: pd.DataFrame | None, storage: pd.DataF
                          "'clarabel'")
     if solver == "highs" and objective == "losses":
         raise ValueError("objective 'losses' is a QP on which HiGHS's active-set QP solver stalls with "
-                         "residual infeasibilities here; use solver='clarabel' (the default for it)")
+                         "residual infeasibilities here; use solver='clarabel' (the default)")
     solvers.require(solver)
     t0 = time.perf_counter()
     shape, index, dt = _time_axis(load_shape, dt_hours)
@@ -419,8 +419,9 @@ def _assemble(blocks, lay, ders, storage, shape, p_avail, w, objective, dt, vmin
     b_net = np.kron(np.ones(T), b) + np.kron(ls, db)
     eta_c, eta_d = storage["eta_charge"].to_numpy(float), storage["eta_discharge"].to_numpy(float)
     # e_t - e_{t-1} - dt eta_c p_ch,t + dt / eta_d p_dis,t = 0
-    S_step = -dt * sp.diags(eta_c) @ lay.select("pc") + dt * sp.diags(1 / eta_d) @ lay.select("pdis") \
-        if ns else sp.csr_matrix((0, lay.m))
+    S_step = sp.csr_matrix((0, lay.m))
+    if ns:
+        S_step = -dt * sp.diags(eta_c) @ lay.select("pc") + dt * sp.diags(1 / eta_d) @ lay.select("pdis")
     D = sp.diags([-np.ones(T), np.ones(T)], [0, 1], shape=(T, T + 1))
     A_soc = sp.hstack([sp.kron(I_T, S_step), sp.kron(D, sp.identity(ns))])
     # capability polygons per step
