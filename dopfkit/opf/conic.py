@@ -57,7 +57,12 @@ SOCP). This is PowerModelsDistribution's SOC-UBF relaxation (``relaxation_psd_to
 SDP's, so its optimum is a lower bound on the SDP's, itself a lower bound on the exact OPF's.
 
 **Objectives** are those of :mod:`dopfkit.opf.problem`; ``"losses"`` is ``sum_b Re tr(Z_b L_b)``, which
-equals ``sum Re s_root + sum p_der - load P - shunt P`` on any point that satisfies the balances.
+equals ``sum Re s_root + sum p_der - load P - shunt P`` on any point that satisfies the balances
+(``s_root`` is what the EMFs deliver, so the source's Thevenin losses count). The relaxations are exact
+only when the objective grows with the branch currents: ``"voltage_deviation"`` and ``"curtailment"``
+leave ``L`` free (an unbounded, non-physical optimum) unless ``loss_weight > 0`` adds the losses.
+Binding voltage limits also break exactness: the relaxation "buys" voltage with fictitious current
+(``Z L Z^H`` in ``W_j``), so it cannot prove a lower limit unreachable.
 
 **Implementation.** Every ``M_b`` is parametrized by ``m^2`` real numbers (real parts on and above the
 diagonal, imaginary parts above it), stacked in one CVXPY variable ``x``; every physical law is a sparse
@@ -432,12 +437,14 @@ class _Model:
     q: object
     v: object              # cvxpy expression: squared voltage of every node
     s_root: tuple          # (real, imag) expressions
+    objective: object      # the problem's objective (without the elastic or loss_weight terms)
     slack: tuple | None    # elastic voltage slacks (above, below) or None
     hi_k: np.ndarray       # nodes with an upper / a lower voltage limit
     lo_k: np.ndarray
 
 
-def _build(cp, problem: OPFProblem, maps: ConicMaps, relaxation: str, elastic: bool = False) -> _Model:
+def _build(cp, problem: OPFProblem, maps: ConicMaps, relaxation: str, elastic: bool = False,
+           loss_weight: float = 0.0) -> _Model:
     r, ders = maps.radial, problem.ders
     n, nd = r.n, len(ders)
     free = np.setdiff1d(np.arange(n), r.root)
@@ -467,10 +474,11 @@ def _build(cp, problem: OPFProblem, maps: ConicMaps, relaxation: str, elastic: b
     cons += [v[hi_k] <= hi[hi_k] + slack[0], v[lo_k] >= lo[lo_k] - slack[1]]
     drawn_root = maps.drawn[r.root]
     s_root = (drawn_root.real @ x, drawn_root.imag @ x)
-    obj = _objective(cp, problem, maps, x, p, v[free], s_root[0])
+    base = _objective(cp, problem, maps, x, p, v[free], s_root[0])
+    obj = base + loss_weight * cp.sum(maps.losses.real @ x) if loss_weight else base
     if elastic:
         obj = obj + ELASTIC_PENALTY * (cp.sum(slack[0]) + cp.sum(slack[1]))
-    return _Model(cp.Problem(cp.Minimize(obj), cons), x, p, q, v, s_root,
+    return _Model(cp.Problem(cp.Minimize(obj), cons), x, p, q, v, s_root, base,
                   slack if elastic else None, hi_k, lo_k)
 
 
@@ -493,24 +501,28 @@ def _objective(cp, problem: OPFProblem, maps: ConicMaps, x, p, v_free, p_root):
 # Solving, exactness, recovery
 # ---------------------------------------------------------------------------------------------
 def solve_sdp(problem: OPFProblem, solver: str = "clarabel", share_iterations: int = 0,
-              **opts) -> FormulationSolution:
+              loss_weight: float = 0.0, **opts) -> FormulationSolution:
     """The multiphase branch-flow SDP relaxation (module docstring).
 
     ``solver``: ``"clarabel"`` or ``"scs"``; ``opts`` go to ``cvxpy.Problem.solve`` (for Clarabel
     they default to :data:`CLARABEL_DEFAULTS`; SCS needs e.g. ``eps_abs=eps_rel=1e-8`` to be accurate).
     ``share_iterations``: re-solves in which delta pairs share their constant power at the phasors
     recovered from the previous solve instead of the no-load angles (0: LinDist3Flow's shares).
+    ``loss_weight``: adds ``loss_weight * losses`` to the objective. The relaxations are exact only
+    for objectives that grow with the branch currents; ``"voltage_deviation"`` and ``"curtailment"``
+    leave ``L`` free (unbounded, non-physical solutions) unless paired with a loss term. The returned
+    ``objective`` is the problem's own, without this term.
     ``extra``: the exactness check (:func:`exactness`), ``losses``, timings and model sizes.
     """
-    return _solve(problem, "sdp", solver, share_iterations, opts)
+    return _solve(problem, "sdp", solver, share_iterations, loss_weight, opts)
 
 
 def solve_socp(problem: OPFProblem, solver: str = "clarabel", share_iterations: int = 0,
-               **opts) -> FormulationSolution:
+               loss_weight: float = 0.0, **opts) -> FormulationSolution:
     """The SOCP relaxation: every PSD constraint of :func:`solve_sdp` replaced by its 2x2 principal
     minors (module docstring), so its optimum is a lower bound on the SDP's. Same arguments and
     ``extra`` as :func:`solve_sdp`."""
-    return _solve(problem, "socp", solver, share_iterations, opts)
+    return _solve(problem, "socp", solver, share_iterations, loss_weight, opts)
 
 
 _OK = ("optimal", "optimal_inaccurate")
@@ -518,10 +530,10 @@ _OK = ("optimal", "optimal_inaccurate")
 # with a tiny resistance, a source or a regulator, is nearly degenerate) and reports 'AlmostSolved';
 # 1e-7 is reached in about 10 iterations with the same solution.
 CLARABEL_DEFAULTS = {"tol_gap_abs": 1e-7, "tol_gap_rel": 1e-7, "tol_feas": 1e-7}
-SHARE_RESIDUAL = 1e-3   # pu: above this the recovered phasors are no basis for the delta shares
+SHARE_RESIDUAL = 1e-2   # pu: above this the recovered phasors are no basis for the delta shares
 
 
-def _solve(problem: OPFProblem, relaxation: str, solver: str, share_iterations: int,
+def _solve(problem: OPFProblem, relaxation: str, solver: str, share_iterations: int, loss_weight: float,
            opts: dict) -> FormulationSolution:
     import cvxpy as cp
 
@@ -531,25 +543,9 @@ def _solve(problem: OPFProblem, relaxation: str, solver: str, share_iterations: 
         opts = {**CLARABEL_DEFAULTS, **opts}
     V_share, times, iters, share_change, note = None, np.zeros(4), 0, [], ""
     for k in range(share_iterations + 1):
-        t0 = time.perf_counter()
-        maps = conic_maps(problem.radial, problem.load_scale, V_share)
-        model = _build(cp, problem, maps, relaxation)
-        t1 = time.perf_counter()
-        try:
-            model.cvx.solve(solver=constant, **opts)
-        except cp.error.SolverError as err:
-            raise RuntimeError(f"{relaxation.upper()} OPF on {problem.network.name}: {solver} failed "
-                               f"(solve {k + 1} of {share_iterations + 1}): {err}") from err
-        wall = time.perf_counter() - t1
-        compile_t, solve_t = _cvxpy_times(model.cvx, wall)
-        times += [t1 - t0, compile_t, solve_t, wall]
-        iters += model.cvx.solver_stats.num_iters or 0
-        status = model.cvx.status
-        if status in ("infeasible", "infeasible_inaccurate"):
-            _raise_infeasible(cp, problem, maps, relaxation, constant, opts, status)
-        if status not in _OK or model.x.value is None:
-            raise RuntimeError(f"{relaxation.upper()} OPF on {problem.network.name}: {solver} returned "
-                               f"status {status!r}")
+        maps, model, t, n_it = _solve_once(cp, problem, relaxation, constant, opts, loss_weight, V_share,
+                                           f"solve {k + 1} of {share_iterations + 1}")
+        times, iters = times + t, iters + n_it
         x = np.asarray(model.x.value)
         extra = exactness(maps, x)
         if V_share is not None:
@@ -563,12 +559,34 @@ def _solve(problem: OPFProblem, relaxation: str, solver: str, share_iterations: 
                  share_change=share_change, share_note=note, losses=float((maps.losses.real @ x).sum()),
                  n_variables=maps.nx + 2 * problem.n_ders, n_psd=len(maps.lifts), n_ideal=len(maps.ideal))
     return FormulationSolution(
-        formulation=relaxation, status=status, objective=float(model.cvx.value),
+        formulation=relaxation, status=model.cvx.status, objective=float(model.objective.value),
         v=np.asarray(model.v.value), p_der=np.atleast_1d(model.p.value).astype(float),
         q_der=np.atleast_1d(model.q.value).astype(float),
         s_root=np.asarray(model.s_root[0].value) + 1j * np.asarray(model.s_root[1].value),
         build_time=float(times[0] + times[1]), solve_time=float(times[2]), solver=f"cvxpy-{constant.lower()}",
         iterations=iters, extra=extra)
+
+
+def _solve_once(cp, problem, relaxation, constant, opts, loss_weight, V_share, which):
+    """Build and solve one model: (maps, model, [model, compile, solver, wall] seconds, iterations)."""
+    t0 = time.perf_counter()
+    maps = conic_maps(problem.radial, problem.load_scale, V_share)
+    model = _build(cp, problem, maps, relaxation, loss_weight=loss_weight)
+    t1 = time.perf_counter()
+    where = f"{relaxation.upper()} OPF on {problem.network.name} ({which})"
+    try:
+        model.cvx.solve(solver=constant, **opts)
+    except cp.error.SolverError as err:         # an infeasible SDP can end this way: diagnose first
+        _raise_infeasible(cp, problem, maps, relaxation, constant, opts, "not solved", quiet=True)
+        raise RuntimeError(f"{where}: {constant} failed: {err}") from err
+    wall = time.perf_counter() - t1
+    compile_t, solve_t = _cvxpy_times(model.cvx, wall)
+    status = model.cvx.status
+    if status in ("infeasible", "infeasible_inaccurate"):
+        _raise_infeasible(cp, problem, maps, relaxation, constant, opts, status)
+    if status not in _OK or model.x.value is None:
+        raise RuntimeError(f"{where}: {constant} returned status {status!r}")
+    return maps, model, np.array([t1 - t0, compile_t, solve_t, wall]), model.cvx.solver_stats.num_iters or 0
 
 
 def _cvxpy_times(prob, wall: float) -> tuple[float, float]:
@@ -640,14 +658,19 @@ def recover_phasors(maps: ConicMaps, Ms: list[np.ndarray], lifted: bool = False)
     return (V, [zs[id(lf.branch)] for lf in maps.lifts]) if lifted else V
 
 
-def _raise_infeasible(cp, problem, maps, relaxation, constant, opts, status):
+def _raise_infeasible(cp, problem, maps, relaxation, constant, opts, status, quiet=False):
     """Re-solve with the voltage limits elastic (the only constraint family that can make the
-    relaxation infeasible: p = q = 0 satisfies the DER limits, and any power-flow solution the
-    balance) and name the nodes whose limits had to give."""
+    relaxation infeasible: p = q = 0 meets the DER limits, and any power-flow solution the balances)
+    and raise naming the nodes whose limits had to give. ``quiet``: return if nothing had to give."""
     model = _build(cp, problem, maps, relaxation, elastic=True)
-    model.cvx.solve(solver=constant, **opts)
+    try:
+        model.cvx.solve(solver=constant, **opts)
+    except cp.error.SolverError:
+        model.cvx._status = "solver_error"
     where = f"{relaxation.upper()} OPF on {problem.network.name} is {status}"
     if model.cvx.status not in _OK:
+        if quiet:
+            return
         raise OPFInfeasibleError(f"{where}; the elastic re-solve returned {model.cvx.status!r}")
     names, parts = maps.radial.nodes, []
     for fam, slack, nodes in (("voltage upper limit", model.slack[0], model.hi_k),
@@ -657,4 +680,6 @@ def _raise_infeasible(cp, problem, maps, relaxation, constant, opts, status):
             worst = np.argsort(-s)[:3]
             parts.append(f"{fam}: " + ", ".join(f"{names[nodes[k]]} by {s[k]:.3g} pu^2"
                                                 for k in worst if s[k] > 1e-7))
-    raise OPFInfeasibleError(f"{where}: " + ("; ".join(parts) or "the elastic model relaxed nothing"))
+    if parts or not quiet:
+        where = where.replace("is not solved", "is infeasible")
+        raise OPFInfeasibleError(f"{where}: " + ("; ".join(parts) or "the elastic model relaxed nothing"))
