@@ -20,29 +20,65 @@ def load_currents(u, s, pairs, xp=np):
 
     ``u`` and ``s`` have shape (pairs,) or (pairs, scenarios); ``pairs`` holds the model data.
     """
-    col = (slice(None),) + (None,) * (u.ndim - 1)          # broadcast pair data over scenarios
+    return load_model(s, pairs, xp, ndim=np.ndim(u))(u)
+
+
+def load_model(s, pairs, xp=np, ndim=None):
+    """``load_currents`` as a function of ``u`` alone, for the iterations of one power flow: what
+    does not depend on the voltages is computed once. ``ndim``: that of ``u`` (default: of ``s``)."""
+    col = (slice(None),) + (None,) * ((np.ndim(s) if ndim is None else ndim) - 1)
     vb = xp.asarray(pairs.v_nom)[col]
     vmin, vmax, vlow = (xp.asarray(a)[col] * vb for a in (pairs.vmin, pairs.vmax, pairs.vlow))
     model = xp.asarray(pairs.model)[col]
-    a, b = (xp.asarray(pairs.exponents[:, k])[col] for k in (0, 1))
-    mag = xp.maximum(xp.abs(u), 1e-300)
-    unit, v = u / mag, mag / vb
-    yeq = xp.conj(s) / vb**2                                 # admittance drawing s at vb
     const_i = model == I_MODEL
-    # below vmin: blend from the nominal admittance at vlow to the model's current at vmin
-    ilow = yeq * vlow
-    i_at_vmin = xp.where(const_i, yeq * vb, yeq * vb**2 / vmin)
-    i_mid = (ilow + (i_at_vmin - ilow) / (vmin - vlow) * (mag - vlow)) * unit
-    i_high = yeq * u / xp.where(const_i, vmax / vb, (vmax / vb) ** 2)
-    i_band = xp.conj((s.real * v**a + 1j * s.imag * v**b) / u)
-    i = xp.where(mag <= vlow, yeq * u,
-                 xp.where(mag <= vmin, i_mid, xp.where(mag > vmax, i_high, i_band)))
-    i = xp.where(model == Z_MODEL, yeq * u, i)
-    if (pairs.model == ZIP_MODEL).any():
-        zipv = xp.asarray(pairs.zipv)[col + (slice(None),)]
-        i = xp.where(model == ZIP_MODEL,
-                     _zip_currents(u, s, yeq, vb, vmin, vmax, vlow, mag, unit, zipv, xp), i)
-    return i
+    yeq = xp.conj(s) / vb**2                                 # admittance drawing s at vb
+    # Every regime draws i = g u, g = yeq with its real and imaginary parts scaled by real functions
+    # of |u|. Picking those factors on real arrays and forming one complex product at the end is
+    # several times faster than picking among complex candidate currents (batched power flows spend
+    # a good part of their time here). Below vmin: a blend from the nominal admittance at vlow to
+    # the model's current at vmin; above vmax: the impedance (admittance for constant I) at vmax.
+    i_at_vmin = xp.where(const_i, vb, vb**2 / vmin)          # in units of yeq
+    slope = (i_at_vmin - vlow) / (vmin - vlow)
+    f_high = xp.where(const_i, vb / vmax, (vb / vmax) ** 2)
+    a, b = pairs.exponents.T                                 # S(v) = P v^a + j Q v^b in the band
+    band_re = _inverse_power(a, col, xp)                     # g = yeq.real v^(a-2) + ...
+    band_im = None if np.array_equal(a, b) else _inverse_power(b, col, xp)
+    is_z = (model == Z_MODEL) if (pairs.model == Z_MODEL).any() else None
+    zipv = xp.asarray(pairs.zipv)[col + (slice(None),)] if (pairs.model == ZIP_MODEL).any() else None
+
+    def currents(u):
+        mag = xp.maximum(xp.abs(u), 1e-300)
+        f_mid = (vlow + slope * (mag - vlow)) / mag
+        inv_v = vb / mag
+        low, mid, high = mag <= vlow, mag <= vmin, mag > vmax
+
+        def regime(f_band):
+            f = xp.where(low, 1.0, xp.where(mid, f_mid, xp.where(high, f_high, f_band)))
+            return f if is_z is None else xp.where(is_z, 1.0, f)
+
+        f_re = regime(band_re(inv_v))
+        if band_im is None:
+            i = yeq * u * f_re
+        else:
+            i = (yeq.real * f_re + 1j * (yeq.imag * regime(band_im(inv_v)))) * u
+        if zipv is not None:
+            i = xp.where(model == ZIP_MODEL,
+                         _zip_currents(u, s, yeq, vb, vmin, vmax, vlow, mag, u / mag, zipv, xp), i)
+        return i
+    return currents
+
+
+def _inverse_power(exponent, col, xp):
+    """``x -> x ** (2 - exponent)`` per pair; the usual exponents 0, 1, 2 by products (pow is slow)."""
+    k = 2 - np.asarray(exponent, float)
+    if (k == 2).all():
+        return lambda x: x * x
+    two, one = k == 2, k == 1
+    if (two | one | (k == 0)).all():
+        two, one = xp.asarray(two)[col], xp.asarray(one)[col]
+        return lambda x: xp.where(two, x * x, xp.where(one, x, 1.0))
+    k = xp.asarray(k)[col]
+    return lambda x: x ** k
 
 
 def _zip_currents(u, s, yeq, vb, vmin, vmax, vlow, mag, unit, zipv, xp):
