@@ -29,6 +29,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from dopfkit.network.math_model import GROUND, Network
+from dopfkit.network.primitives import capacitor_susceptance
 from dopfkit.network.report import APPROXIMATED
 
 PINV_RCOND = 1e-4   # anti-float shunts are ~1e-6 of the leakage admittance: drop them, keep the rest
@@ -327,7 +328,6 @@ def _shunts(net: Network, pos: np.ndarray, n: int) -> sp.csr_matrix:
             y = 0.5j * w * ln.c[np.ix_(closed, closed)] * np.outer(net.vbase[nd], net.vbase[nd]) / net.sbase
             r, c = np.meshgrid(pos[nd], pos[nd], indexing="ij")
             rows.append(r.ravel()), cols.append(c.ravel()), vals.append(y.ravel())
-    from dopfkit.network.primitives import capacitor_susceptance
     for cap in net.feeder.capacitors:
         nodes = np.array([GROUND if k == 0 else index[f"{cap.buses[t]}.{k}"]
                           for t in (0, 1) for k in cap.nodes[t]])

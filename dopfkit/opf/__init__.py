@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from dopfkit.network.math_model import Network, with_injections
+from dopfkit.network.primitives import source_primitive
 from dopfkit.opf.problem import (
     OBJECTIVES,
     FormulationSolution,
@@ -110,26 +111,17 @@ def check_against_powerflow(problem: OPFProblem, solution: FormulationSolution, 
 
 
 def _source_power(pf) -> float:
-    """kW the sources deliver in the exact solution: V conj(I) with I = I_norton - Y_source V."""
+    """kW the sources' EMFs deliver in the exact solution, E conj(I) with I = Y_s (E - V): measured
+    where every formulation measures ``s_root`` (behind the Thevenin impedance), so the two compare."""
     net = pf.network
-    i = net.i_source - _source_y(net) @ pf.V
-    return float((pf.V * np.conj(i)).real.sum() * net.sbase / 1e3)
-
-
-def _source_y(net):
-    """Per-unit source Thevenin admittance scattered on the network nodes."""
-    import scipy.sparse as sp
-
-    from dopfkit.network.primitives import source_primitive
     index = {x: i for i, x in enumerate(net.nodes)}
-    rows, cols, vals = [], [], []
+    total = 0.0
     for s in net.feeder.sources:
         nd = np.array([index[f"{s.buses[0]}.{k}"] for k in s.nodes[0] if k])
         y = source_primitive(s.z)[:len(nd), :len(nd)] * np.outer(net.vbase[nd], net.vbase[nd]) / net.sbase
-        r, c = np.meshgrid(nd, nd, indexing="ij")
-        rows.append(r.ravel()), cols.append(c.ravel()), vals.append(y.ravel())
-    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                         shape=(net.n, net.n))
+        e = np.linalg.solve(y, net.i_source[nd])          # Norton current = Y_s E
+        total += float((e * np.conj(y @ (e - pf.V[nd]))).real.sum())
+    return total * net.sbase / 1e3
 
 
 __all__ = ["FORMULATIONS", "OBJECTIVES", "FormulationSolution", "OPFInfeasibleError", "OPFProblem",

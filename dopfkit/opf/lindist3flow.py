@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
@@ -166,7 +167,6 @@ class LinearPowerFlow:
 
     def vmag(self, radial: RadialNetwork):
         """|V| (pu) indexed like the network's nodes (energized ones)."""
-        import pandas as pd
         keep = radial.net_index >= 0
         return pd.Series(np.sqrt(self.v[keep]), index=radial.network.nodes[radial.net_index[keep]],
                          name="vmag_lindist3flow")
@@ -355,7 +355,7 @@ def _solve_cvxpy(lp, solver: str | None):
     build = time.perf_counter() - t0
     name = solver or ("HIGHS" if lp.Q is None else "CLARABEL")
     t1 = time.perf_counter()
-    prob.solve(solver=solvers.cvxpy_solver(name.lower()) if hasattr(solvers, "cvxpy_solver") else name)
+    prob.solve(solver=solvers.cvxpy_solver(name.lower()))
     solve_t = time.perf_counter() - t1
     value = stacked.value if stacked.value is not None else np.full(lp.A.shape[1], np.nan)
     return np.asarray(value), prob.status, solve_t, f"cvxpy-{name.lower()}", build
