@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,10 @@ HEAVY = {"nlp": {"ieee13", "ieee34", "ieee37", "ieee123"}, "socp": {"ieee13", "i
 
 
 def pv_sites(net, share: float = 0.1, seed: int = 0):
-    """A seeded share of the wye load phases get a PV inverter rated 1.2x that phase's load."""
+    """A seeded share of the load phases get a PV inverter (wye, at the load's first node) rated 1.2x
+    that phase's load; IEEE 37's loads are all delta, so delta pairs count too."""
     r = radial_network(net)
-    ld = r.loads[(r.loads.node_to < 0) & (r.loads.s_pu.abs() > 0) & r.loads.scalable]
+    ld = r.loads[(r.loads.s_pu.abs() > 0) & r.loads.scalable]
     ld = ld.drop_duplicates("node_from")
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(ld), size=max(1, int(share * len(ld))), replace=False)
@@ -121,9 +123,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    results = {"machine": machine(), "settings": {
+    results = {"machine": machine(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "settings": {
         "objective": "substation_power", "vmin": 0.9, "vmax": 1.1, "limit_nodes": "loads",
-        "ders": "PV on a seeded 10% of wye load phases, rated 1.2x the phase load, available = rated",
+        "ders": "PV on a seeded 10% of load phases, rated 1.2x the phase load, available = rated",
         "times": "lindist3flow: best of --repeat; others one run; build excludes load_feeder and the "
                  "radial view (one-off per network, reported apart)"}, "feeders": {}}
     for name in args.feeders:
