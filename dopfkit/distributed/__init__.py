@@ -1,0 +1,6 @@
+"""Distributed D-OPF (chapter 7): the component-wise ADMM of Ryu, Byeon and Kim on numpy or CuPy,
+its MPI version, the OPTDIST-VC feedback volt/var controller and a dual-ascent method."""
+from dopfkit.distributed.admm import ADMM, ADMMResult, ADMMSettings, ADMMState
+from dopfkit.distributed.decomposition import Decomposition, decompose
+
+__all__ = ["ADMM", "ADMMResult", "ADMMSettings", "ADMMState", "Decomposition", "decompose"]

@@ -1,0 +1,274 @@
+"""Solver-free ADMM on the component-wise consensus form, one implementation for numpy and CuPy.
+
+With ``z`` the global vector (bounds ``l <= z <= u``), ``x`` the stacked local copies and ``lam``
+their multipliers, one iteration of Ryu, Byeon and Kim (PSCC 2024) is
+
+1. global:  ``z_i = clip((sum_copies (rho x - lam) - q_i z_i-free part) / (rho n_i + q_i), l_i, u_i)``
+2. local:   ``x_s = P_s (B_s z + (lam_s - c_s) / rho) + k_s``    (batched per size group)
+3. dual:    ``lam += rho (B z - x)``
+
+and it stops when the primal residual ``||B z - x||`` and the dual residual ``rho ||B (z - z_prev)||``
+are both below ``tol``. The linear cost of a column is shared equally by its copies; a diagonal
+quadratic cost (the losses and voltage-deviation objectives) is kept on the global update, where it
+stays separable, so the local projectors never depend on ``rho``. That is what makes the accelerations
+cheap: residual balancing changes ``rho`` without refactoring anything.
+
+Accelerations beyond the paper (all off by default, so the default reproduces it):
+``adaptive=True`` (residual balancing, Boyd et al. 2011, section 3.4.1), ``relax`` in (1, 2)
+(over-relaxation, section 3.4.3) and ``warm_start`` (the iterates of a previous solve).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dopfkit.backend import array_module
+from dopfkit.distributed.decomposition import Decomposition
+
+
+@dataclass
+class ADMMState:
+    """Iterates, on the host (numpy), so that a later solve can start from them."""
+    z: np.ndarray
+    x: np.ndarray
+    lam: np.ndarray
+    rho: float
+
+
+@dataclass
+class ADMMResult:
+    z: np.ndarray                   # the global vector: the solution of the LP
+    objective: float
+    iterations: int
+    converged: bool
+    primal_residual: np.ndarray     # per iteration
+    dual_residual: np.ndarray
+    rho: np.ndarray                 # per iteration (changes only with adaptive=True)
+    times: dict                     # seconds per iteration: global, local, dual, total; and total
+    violation: float                # lp.violation(z): scaled equality residual or bound violation
+    state: ADMMState
+    device: str
+    dtype: str
+
+    def summary(self) -> dict:
+        return {"iterations": self.iterations, "converged": self.converged,
+                "objective": self.objective, "violation": self.violation, "device": self.device,
+                "dtype": self.dtype, **{f"{k}_s": v for k, v in self.times.items()}}
+
+
+@dataclass
+class ADMMSettings:
+    rho: float = 100.0
+    tol: float = 1e-3               # on the 2-norms of the primal and dual residuals
+    max_iter: int = 50_000
+    adaptive: bool = False          # residual balancing
+    mu: float = 10.0                # ... when one residual exceeds mu times the other
+    tau: float = 2.0                # ... multiply or divide rho by tau
+    adapt_every: int = 10
+    relax: float = 1.0              # over-relaxation factor (1: none)
+    check_every: int = 1            # GPU: test convergence every k iterations (one host sync each)
+    timing: bool = False            # synchronize after every step to time global/local/dual apart
+    anderson: int = 0               # Anderson acceleration memory (0: off)
+    anderson_safeguard: float = 2.0
+    extra: dict = field(default_factory=dict)
+
+
+class ADMM:
+    """The arrays of one decomposition on one device, and the iteration."""
+
+    def __init__(self, dec: Decomposition, device: str = "cpu", dtype=np.float64):
+        xp = self.xp = array_module(device)
+        self.dec, self.device, self.dtype = dec, device, np.dtype(dtype)
+        lp = dec.lp
+        ncol = lp.A.shape[1]
+        n = np.maximum(dec.n_copies, 1)
+        q = lp.Q.diagonal() if lp.Q is not None else np.zeros(ncol)
+        orphan = dec.n_copies == 0
+        self._check_orphans(orphan, lp.c, q, lp.lower, lp.upper)
+        put = lambda a: xp.asarray(np.asarray(a, dtype=self.dtype))  # noqa: E731
+        self.copy_col = xp.asarray(dec.copy_col)
+        self.n_col = put(dec.n_copies)
+        self.lower, self.upper = put(lp.lower), put(lp.upper)
+        self.q = put(q)
+        # orphan columns (no row touches them) minimize c z + q z^2 / 2 alone: fold c into the numerator
+        self.c_orphan = put(np.where(orphan, lp.c, 0.0))
+        self.c_copy = put(lp.c[dec.copy_col] / n[dec.copy_col])
+        self.groups = [(g.start, g.stop, g.size, g.n, put(g.P), put(g.k)) for g in dec.groups]
+        self.ncol, self.ncopy = ncol, len(dec.copy_col)
+        self.reduce = self.reduce_scalar = lambda a: a       # MPI: replaced by allreduce (dopfkit.distributed.mpi)
+
+    @staticmethod
+    def _check_orphans(orphan, c, q, lo, hi):
+        free = orphan & (q == 0) & (((c > 0) & ~np.isfinite(lo)) | ((c < 0) & ~np.isfinite(hi)))
+        if free.any():
+            raise ValueError(f"column {int(np.flatnonzero(free)[0])} is in no constraint and unbounded "
+                             "in the direction of its cost: the LP is unbounded")
+
+    # -- the three updates -------------------------------------------------------------------
+    def global_update(self, x, lam, rho):
+        """Clamped average of the copies. ``reduce`` sums the partial sums of all MPI ranks (the only
+        communication the algorithm needs); in one process it is the identity."""
+        xp = self.xp
+        s = xp.bincount(self.copy_col, weights=rho * x - lam, minlength=self.ncol).astype(self.dtype)
+        z = (self.reduce(s) - self.c_orphan) / (rho * self.n_col + self.q)
+        return xp.clip(z, self.lower, self.upper)
+
+    def norm(self, a) -> float:
+        """2-norm over the copies of every rank."""
+        return self.xp.sqrt(self.reduce_scalar(a @ a))
+
+    def local_update(self, w, lam, rho, out):
+        """``x_s = P_s (w_s + (lam_s - c_s) / rho) + k_s`` for every group; ``w = B z``."""
+        xp = self.xp
+        y = w + (lam - self.c_copy) / rho
+        for start, stop, G, n, P, k in self.groups:
+            out[start:stop] = (xp.matmul(P, y[start:stop].reshape(G, n, 1))[..., 0] + k).reshape(-1)
+        return out
+
+    def initial_x(self) -> np.ndarray:
+        """The paper's start: 0 for unbounded entries, mid-bound if bounded, 1 for squared voltages."""
+        lp = self.dec.lp
+        lo, hi = lp.lower, lp.upper
+        both = np.isfinite(lo) & np.isfinite(hi)
+        z0 = np.where(both, (np.where(both, lo, 0) + np.where(both, hi, 0)) / 2, 0.0)
+        z0[lp.columns["v"]] = np.where(lo[lp.columns["v"]] == hi[lp.columns["v"]], lo[lp.columns["v"]], 1.0)
+        return z0[self.dec.copy_col]
+
+    def step(self, x, lam, rho, relax=1.0, sync=None, clock=None):
+        """One iteration from ``(x, lam)``: returns ``z, x_new, lam_new, Bz``; adds step times to ``clock``."""
+        t0 = time.perf_counter()
+        z = self.global_update(x, lam, rho)
+        w_z = z[self.copy_col]
+        w = relax * w_z + (1 - relax) * x if relax != 1.0 else w_z
+        if sync:
+            sync()
+        t1 = time.perf_counter()
+        x_new = self.local_update(w, lam, rho, self.xp.empty_like(x))
+        if sync:
+            sync()
+        t2 = time.perf_counter()
+        lam_new = lam + rho * (w - x_new)
+        if sync:
+            sync()
+        if clock is not None:
+            clock[0] += t1 - t0
+            clock[1] += t2 - t1
+            clock[2] += time.perf_counter() - t2
+        return z, x_new, lam_new, w_z
+
+    def solve(self, settings: ADMMSettings | None = None, warm_start: ADMMState | None = None,
+              callback=None) -> ADMMResult:
+        s = settings or ADMMSettings()
+        xp, dt = self.xp, self.dtype
+        sync = _synchronizer(xp)
+        if warm_start is None:
+            x = xp.asarray(self.initial_x().astype(dt))
+            lam = xp.zeros(self.ncopy, dt)
+            rho = float(s.rho)
+        else:
+            x, lam = xp.asarray(warm_start.x.astype(dt)), xp.asarray(warm_start.lam.astype(dt))
+            rho = float(warm_start.rho)
+        w_prev = self.global_update(x, lam, rho)[self.copy_col]
+        accel = _Anderson(xp, s.anderson, s.anderson_safeguard) if s.anderson else None
+        hist_r, hist_s, hist_rho, pending = [], [], [], []
+        clock = [0.0, 0.0, 0.0]
+        sync()
+        t_start = time.perf_counter()
+        it, converged = 0, False
+        while it < s.max_iter:
+            it += 1
+            z, x_new, lam_new, w_z = self.step(x, lam, rho, s.relax, sync if s.timing else None, clock)
+            r_dev = self.norm(w_z - x_new) if s.relax == 1.0 else self.norm(lam_new - lam) / rho
+            s_dev = rho * self.norm(w_z - w_prev)
+            w_prev = w_z
+            x, lam = (x_new, lam_new) if accel is None else accel.update(x, lam, x_new, lam_new, rho)
+            pending.append((r_dev, s_dev, rho))
+            if it % s.check_every == 0 or it == s.max_iter:
+                vals = [(float(a), float(b), c) for a, b, c in pending]
+                pending.clear()
+                hist_r += [v[0] for v in vals]
+                hist_s += [v[1] for v in vals]
+                hist_rho += [v[2] for v in vals]
+                r_now, s_now = vals[-1][0], vals[-1][1]
+                if callback is not None:
+                    callback(it, z, r_now, s_now, rho)
+                if r_now <= s.tol and s_now <= s.tol:
+                    converged = True
+                    break
+                if s.adaptive and it % s.adapt_every == 0:
+                    if r_now > s.mu * s_now:
+                        rho *= s.tau
+                    elif s_now > s.mu * r_now:
+                        rho /= s.tau
+                    if accel is not None and rho != vals[-1][2]:
+                        accel.reset()
+        sync()
+        total = time.perf_counter() - t_start
+        z_h = _host(z)
+        state = ADMMState(z=z_h, x=_host(x), lam=_host(lam), rho=rho)
+        lp = self.dec.lp
+        per = {"global": clock[0] / it, "local": clock[1] / it, "dual": clock[2] / it,
+               "iteration": total / it, "total": total}
+        z64 = z_h.astype(float)
+        return ADMMResult(z=z64, objective=lp.objective(z64), iterations=it, converged=converged,
+                          primal_residual=np.array(hist_r), dual_residual=np.array(hist_s),
+                          rho=np.array(hist_rho), times=per, violation=lp.violation(z64), state=state,
+                          device=self.device, dtype=self.dtype.name)
+
+
+class _Anderson:
+    """Type-II Anderson acceleration of the ADMM map ``(x, lam/rho) -> T(x, lam/rho)``.
+
+    The last ``m`` differences of residuals and of images are kept in ring buffers with their Gram
+    matrix, so one update costs O(m N) and a small m x m solve (normal equations, lightly
+    regularized). Safeguard: when the fixed-point residual grows by more than ``safeguard`` times,
+    the memory is cleared and the plain ADMM iterate is taken."""
+
+    def __init__(self, xp, m: int, safeguard: float, reg: float = 1e-10):
+        self.xp, self.m, self.safeguard, self.reg = xp, m, safeguard, reg
+        self.dG = self.dF = None
+        self.reset()
+
+    def reset(self):
+        self.count, self.g_prev, self.f_prev, self.g_norm = 0, None, None, None
+        self.gram = np.zeros((self.m, self.m))
+
+    def update(self, x, lam, x_new, lam_new, rho):
+        xp = self.xp
+        s = xp.concatenate([x, lam / rho])
+        f = xp.concatenate([x_new, lam_new / rho])
+        g = f - s
+        g_norm = float(xp.linalg.norm(g))
+        if self.g_norm is not None and g_norm > self.safeguard * self.g_norm and self.count:
+            self.reset()                             # the last extrapolation made things worse
+        if self.dG is None:
+            self.dG = xp.zeros((self.m, g.size), g.dtype)
+            self.dF = xp.zeros_like(self.dG)
+        if self.g_prev is not None:
+            slot = self.count % self.m
+            self.dG[slot] = g - self.g_prev
+            self.dF[slot] = f - self.f_prev
+            row = _host(self.dG @ self.dG[slot]).astype(float)
+            self.gram[slot, :], self.gram[:, slot] = row, row
+            self.count += 1
+        self.g_prev, self.f_prev, self.g_norm = g, f, g_norm
+        k = min(self.count, self.m)
+        if k:
+            H = self.gram[:k, :k] + self.reg * np.trace(self.gram[:k, :k]) * np.eye(k)
+            rhs = _host(self.dG[:k] @ g).astype(float)
+            gamma = np.linalg.solve(H, rhs)
+            f = f - xp.asarray(gamma.astype(self.dF.dtype)) @ self.dF[:k]
+        n = x.shape[0]
+        return f[:n], f[n:] * rho
+
+
+def _synchronizer(xp):
+    if xp is np:
+        return lambda: None
+    return lambda: xp.cuda.Stream.null.synchronize()
+
+
+def _host(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)

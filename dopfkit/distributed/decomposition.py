@@ -1,0 +1,214 @@
+"""Component-wise decomposition of the LinDist3Flow standard-form LP (Ryu, Byeon and Kim, PSCC 2024).
+
+The feeder is a graph of *nodes* (buses, the source EMF included) and *lines* (branches: lines,
+switches, regulators, transformers, the source impedance). Every row of ``A x = b`` belongs to one
+component: a node's power balances and its inverters' capability rows to the node, a flow's voltage
+drop to the line that carries it. One subsystem per component, except that a leaf node (a bus with no
+children) is merged with the line that feeds it. Subsystem ``s`` keeps a local copy ``x_s = B_s z`` of
+every column its rows touch; bounds stay on the global ``z``, so each local problem is an equality-
+constrained least-squares step with the closed form
+
+    x_s = P_s y + k_s,    P_s = I - A_s^+ A_s,    k_s = A_s^+ b_s,
+
+where ``A_s^+`` is the pseudo-inverse: the paper reduces ``A_s`` to full row rank first, which the
+singular value decomposition does implicitly (singular values below a relative tolerance are dropped).
+
+Subsystems of the same size are stacked into *groups*: one ``(G, n, n)`` array of projectors per size,
+so an ADMM iteration is a handful of batched matrix products, never a Python loop over subsystems.
+The copies are laid out group by group, subsystem by subsystem, so a group is a contiguous slice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+RANK_TOL = 1e-10          # singular values below this fraction of the largest are rank deficiency
+
+
+@dataclass
+class Group:
+    """Subsystems with ``n`` local variables each, stacked."""
+    n: int
+    start: int                 # first copy of the group in the copy vector
+    subsystems: np.ndarray     # (G,) subsystem ids
+    P: np.ndarray              # (G, n, n) projectors onto null(A_s)
+    k: np.ndarray              # (G, n) minimum-norm solutions of A_s x = b_s
+    rank: np.ndarray           # (G,) rank of A_s
+
+    @property
+    def size(self) -> int:
+        return len(self.subsystems)
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.size * self.n
+
+
+@dataclass
+class Decomposition:
+    """The consensus form of ``lp``: which subsystem owns which rows, and the copies ``B z``."""
+    lp: object                     # the StandardFormLP decomposed
+    names: pd.Index                # one label per subsystem ("bus 675", "line 692675", "line ... + leaf 611")
+    kinds: np.ndarray              # "node", "line" or "line+leaf"
+    row_owner: np.ndarray          # (rows,) subsystem of every row of A
+    copy_col: np.ndarray           # (copies,) global column of every local copy, group-major
+    copy_owner: np.ndarray         # (copies,) subsystem of every copy
+    n_copies: np.ndarray           # (columns,) copies per column (0: a column no row touches)
+    groups: list[Group]
+    graph: dict                    # nodes, lines, leaves, subsystems (the paper's Table II counts)
+
+    @property
+    def n_subsystems(self) -> int:
+        return len(self.names)
+
+    def subset(self, subsystems) -> "Decomposition":
+        """The same decomposition restricted to some subsystems (an MPI rank's share). ``n_copies``
+        stays global: the global update divides by the copies on every rank."""
+        keep = np.zeros(self.n_subsystems, bool)
+        keep[np.asarray(subsystems, int)] = True
+        mine = keep[self.copy_owner]
+        new_start = np.cumsum(mine) - mine              # position of each kept copy
+        groups = []
+        for g in self.groups:
+            sel = keep[g.subsystems]
+            if sel.any():
+                first = g.start + int(np.argmax(sel)) * g.n
+                groups.append(Group(n=g.n, start=int(new_start[first]), subsystems=g.subsystems[sel],
+                                    P=g.P[sel], k=g.k[sel], rank=g.rank[sel]))
+        return Decomposition(lp=self.lp, names=self.names, kinds=self.kinds, row_owner=self.row_owner,
+                             copy_col=self.copy_col[mine], copy_owner=self.copy_owner[mine],
+                             n_copies=self.n_copies, groups=groups, graph=self.graph)
+
+    def sizes(self) -> pd.DataFrame:
+        """Local variables and rank per subsystem."""
+        n = np.concatenate([np.full(g.size, g.n) for g in self.groups])
+        rank = np.concatenate([g.rank for g in self.groups])
+        sid = np.concatenate([g.subsystems for g in self.groups])
+        return pd.DataFrame({"kind": self.kinds[sid], "n_local": n, "rank": rank},
+                            index=self.names[sid]).sort_index()
+
+
+def component_labels(problem, lp) -> tuple[np.ndarray, list[str], list[str], dict]:
+    """Component of every row of ``lp`` (a bus or a branch), leaves merged into their lines.
+
+    Returns ``(row_component, names, kinds, graph_counts)`` with components numbered 0..K-1."""
+    r = problem.radial
+    bus_of_node = r.nodes.str.rsplit(".", n=1).str[0]
+    bus_code, bus_names = pd.factorize(bus_of_node)
+    nb, nl = len(bus_names), len(r.branches)
+    parent_bus = np.array([bus_code[br.parent[0]] for br in r.branches])
+    child_bus = np.array([bus_code[br.child[0]] for br in r.branches])
+    is_leaf = ~np.isin(np.arange(nb), parent_bus)
+    is_leaf[bus_code[r.root]] = False
+    feeding = np.full(nb, -1)
+    feeding[child_bus] = np.arange(nl)
+    # component ids: buses 0..nb-1, lines nb..nb+nl-1; a leaf bus takes its feeding line's id
+    comp_of_bus = np.where(is_leaf, nb + feeding, np.arange(nb))
+    rows = np.empty(lp.A.shape[0], dtype=int)
+    n = r.n
+    flow_node = np.setdiff1d(np.arange(n), r.root)
+    rows[lp.rows["power balance P"]] = comp_of_bus[bus_code]
+    rows[lp.rows["power balance Q"]] = comp_of_bus[bus_code]
+    rows[lp.rows["voltage drop"]] = nb + r.in_branch[flow_node]
+    k = lp.rows["inverter capability"]
+    n_der = len(problem.ders)
+    if n_der:
+        per = (k.stop - k.start) // n_der
+        rows[k] = np.repeat(comp_of_bus[bus_code[problem.ders["node"].to_numpy()]], per)
+    used, rows = np.unique(rows, return_inverse=True)          # drop the absorbed leaf ids
+    labels = np.concatenate([[f"bus {b}" for b in bus_names],
+                             [f"line {br.name}" for br in r.branches]]).astype(object)
+    kinds = np.array(["node"] * nb + ["line"] * nl, dtype=object)
+    leaf_of_line = {nb + feeding[b]: bus_names[b] for b in np.flatnonzero(is_leaf)}
+    for c, b in leaf_of_line.items():
+        labels[c] = f"{labels[c]} + leaf {b}"
+        kinds[c] = "line+leaf"
+    graph = {"nodes": nb, "lines": nl, "leaves": int(is_leaf.sum()), "subsystems": len(used)}
+    return rows, list(labels[used]), list(kinds[used]), graph
+
+
+def decompose(problem, lp=None, rank_tol: float = RANK_TOL) -> Decomposition:
+    """Decompose the LinDist3Flow standard form of ``problem`` (built if ``lp`` is None)."""
+    if lp is None:
+        from dopfkit.opf.lindist3flow import lindist3flow_lp
+        lp = lindist3flow_lp(problem)
+    if lp.Q is not None and sp.triu(lp.Q, 1).nnz:
+        raise NotImplementedError("ADMM takes linear or diagonal quadratic objectives; this Q has "
+                                  "off-diagonal entries")
+    row_owner, names, kinds, graph = component_labels(problem, lp)
+    return decompose_rows(lp, row_owner, names, kinds, graph, rank_tol)
+
+
+def decompose_rows(lp, row_owner, names, kinds, graph=None, rank_tol: float = RANK_TOL) -> Decomposition:
+    """The consensus form of any standard-form LP, given the subsystem that owns each row."""
+    A = lp.A.tocoo()
+    ncol, K = A.shape[1], len(names)
+    owner = row_owner[A.row]
+    # the columns each subsystem touches, as unique (subsystem, column) pairs
+    pair = np.unique(owner.astype(np.int64) * ncol + A.col)
+    sub, col = pair // ncol, pair % ncol
+    n_local = np.bincount(sub, minlength=K)
+    if (n_local == 0).any():
+        raise ValueError(f"subsystem {names[int(np.argmin(n_local))]!r} owns no variables")
+    # group-major order: subsystems sorted by size (stable), copies in column order inside each
+    order_sub = np.argsort(n_local, kind="stable")
+    rank_of = np.empty(K, int)
+    rank_of[order_sub] = np.arange(K)
+    perm = np.lexsort((col, rank_of[sub]))
+    sub, col = sub[perm], col[perm]
+    start_of = np.zeros(K, int)
+    start_of[order_sub] = np.concatenate([[0], np.cumsum(n_local[order_sub])[:-1]])
+    local_col = np.empty(len(col), int)                      # in the order of ``pair``
+    local_col[perm] = np.arange(len(col)) - start_of[sub]
+    # column of every nonzero of A inside its subsystem's dense block
+    nz_local_col = local_col[np.searchsorted(pair, owner.astype(np.int64) * ncol + A.col)]
+    row_rank = _rank_within(row_owner)
+    groups = []
+    for n in np.unique(n_local):
+        members = order_sub[n_local[order_sub] == n]
+        groups.append(_group(n, members, start_of, A, owner, nz_local_col, row_owner, row_rank,
+                             np.asarray(lp.b, float), rank_tol, names))
+    return Decomposition(lp=lp, names=pd.Index(names), kinds=np.asarray(kinds, dtype=object),
+                         row_owner=row_owner, copy_col=col, copy_owner=sub,
+                         n_copies=np.bincount(col, minlength=ncol), groups=groups,
+                         graph=graph or {"subsystems": K})
+
+
+def _rank_within(owner: np.ndarray) -> np.ndarray:
+    """Index of every row among the rows of its own subsystem."""
+    order = np.argsort(owner, kind="stable")
+    counts = np.bincount(owner)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(owner), int)
+    rank[order] = np.arange(len(owner)) - first[owner[order]]
+    return rank
+
+
+def _group(n, members, start_of, A, owner, nz_local_col, row_owner, row_rank, b, rank_tol, names) -> Group:
+    """Stack the members' dense ``A_s`` (zero-padded rows) and compute their projectors at once."""
+    G = len(members)
+    slot = np.full(owner.max() + 1 if len(owner) else 0, -1)
+    slot[members] = np.arange(G)
+    m = int(np.bincount(row_owner)[members].max())
+    As = np.zeros((G, m, n))
+    bs = np.zeros((G, m))
+    nz = slot[owner] >= 0
+    np.add.at(As, (slot[owner[nz]], row_rank[A.row[nz]], nz_local_col[nz]), A.data[nz])
+    mine = slot[row_owner] >= 0
+    bs[slot[row_owner[mine]], row_rank[mine]] = b[mine]
+    U, S, Vt = np.linalg.svd(As, full_matrices=False)
+    keep = S > rank_tol * np.maximum(S[:, :1], 1e-300)
+    inv = np.where(keep, 1 / np.where(keep, S, 1), 0.0)
+    Vr = Vt * keep[:, :, None]
+    P = np.eye(n)[None] - np.einsum("gki,gkj->gij", Vr, Vr)
+    k = np.einsum("gki,gk->gi", Vt, inv * np.einsum("gmk,gm->gk", U, bs))
+    resid = np.abs(np.einsum("gmn,gn->gm", As, k) - bs).max(axis=1, initial=0)
+    bad = resid > 1e-8 * (1 + np.abs(bs).max(axis=1, initial=0))
+    if bad.any():
+        raise ValueError(f"the equations of subsystem {names[members[np.argmax(bad)]]!r} are inconsistent "
+                         f"(residual {resid[bad].max():.2e}): no local point satisfies A_s x = b_s")
+    return Group(n=int(n), start=int(start_of[members[0]]), subsystems=members, P=P, k=k,
+                 rank=keep.sum(axis=1))
