@@ -2,14 +2,13 @@
 and the decomposition's bookkeeping against the network it came from."""
 import numpy as np
 import pytest
+from conftest import requires_gpu
 
 import dopfkit as dk
 from dopfkit.distributed import ADMM, ADMMSettings, decompose
 from dopfkit.network.radial import radial_network
 from dopfkit.opf import OPFProblem, der_table
 from dopfkit.opf.standard_form import solve_highs
-
-from conftest import requires_gpu
 
 
 def pv_problem(name, share=0.1, seed=0, objective="substation_power"):
@@ -116,9 +115,10 @@ def test_quadratic_objective_goes_to_the_global_update():
 
 
 def test_inconsistent_local_equations_are_named():
+    import scipy.sparse as sp
+
     from dopfkit.distributed.decomposition import decompose_rows
     from dopfkit.opf.standard_form import StandardFormLP
-    import scipy.sparse as sp
     # x0 + x1 = 1 and x0 + x1 = 2 in one subsystem: no local point exists
     lp = StandardFormLP(c=np.zeros(2), A=sp.csr_matrix(np.ones((2, 2))), b=np.array([1.0, 2.0]),
                         lower=np.zeros(2), upper=np.ones(2), columns={}, rows={})

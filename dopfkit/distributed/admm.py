@@ -97,7 +97,8 @@ class ADMM:
         self.c_copy = put(lp.c[dec.copy_col] / n[dec.copy_col])
         self.groups = [(g.start, g.stop, g.size, g.n, put(g.P), put(g.k)) for g in dec.groups]
         self.ncol, self.ncopy = ncol, len(dec.copy_col)
-        self.reduce = self.reduce_scalar = lambda a: a       # MPI: replaced by allreduce (dopfkit.distributed.mpi)
+        # MPI replaces these by allreduce (dopfkit.distributed.mpi); one process sums nothing
+        self.reduce = self.reduce_scalar = lambda a: a
 
     @staticmethod
     def _check_orphans(orphan, c, q, lo, hi):
@@ -137,7 +138,7 @@ class ADMM:
         return z0[self.dec.copy_col]
 
     def step(self, x, lam, rho, relax=1.0, sync=None, clock=None):
-        """One iteration from ``(x, lam)``: returns ``z, x_new, lam_new, Bz``; adds step times to ``clock``."""
+        """One iteration from ``(x, lam)``: ``z, x_new, lam_new, Bz``; step times added to ``clock``."""
         t0 = time.perf_counter()
         z = self.global_update(x, lam, rho)
         w_z = z[self.copy_col]

@@ -64,7 +64,7 @@ class Decomposition:
     def n_subsystems(self) -> int:
         return len(self.names)
 
-    def subset(self, subsystems) -> "Decomposition":
+    def subset(self, subsystems) -> Decomposition:
         """The same decomposition restricted to some subsystems (an MPI rank's share). ``n_copies``
         stays global: the global update divides by the copies on every rank."""
         keep = np.zeros(self.n_subsystems, bool)
