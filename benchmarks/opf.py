@@ -20,12 +20,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 import dopfkit as dk
 from benchmarks.powerflow import machine
 from dopfkit.network.radial import radial_network
-from dopfkit.opf import der_table, solve_opf
+from dopfkit.opf import pv_sites, solve_opf
 from dopfkit.opf.lindist3flow import lindist3flow_blocks, lindist3flow_powerflow
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "results" / "opf.json"
@@ -33,20 +31,6 @@ FEEDERS = ["ieee13", "ieee34", "ieee37", "ieee123", "ieee8500", "ieee9500"]
 # formulations tried per feeder (the conic ones lift every branch into a dense matrix)
 HEAVY = {"nlp": {"ieee13", "ieee34", "ieee37", "ieee123"}, "socp": {"ieee13", "ieee123"},
          "sdp": {"ieee13", "ieee123"}}
-
-
-def pv_sites(net, share: float = 0.1, seed: int = 0):
-    """A seeded share of the load phases get a PV inverter (wye, at the load's first node) rated 1.2x
-    that phase's load; IEEE 37's loads are all delta, so delta pairs count too."""
-    r = radial_network(net)
-    ld = r.loads[(r.loads.s_pu.abs() > 0) & r.loads.scalable]
-    ld = ld.drop_duplicates("node_from")
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(ld), size=max(1, int(share * len(ld))), replace=False)
-    rows = ld.iloc[np.sort(pick)]
-    nodes = list(r.nodes[rows.node_from])
-    kva = 1.2 * np.abs(rows.s_pu.to_numpy()) * net.sbase / 1e3
-    return der_table(net, nodes, kva)
 
 
 def linear_error(net) -> dict:

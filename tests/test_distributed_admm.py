@@ -6,20 +6,14 @@ from conftest import requires_gpu
 
 import dopfkit as dk
 from dopfkit.distributed import ADMM, ADMMSettings, decompose
-from dopfkit.network.radial import radial_network
-from dopfkit.opf import OPFProblem, der_table
+from dopfkit.opf import OPFProblem, pv_sites
 from dopfkit.opf.standard_form import solve_highs
 
 
-def pv_problem(name, share=0.1, seed=0, objective="substation_power"):
-    """PV at a seeded share of the load phases (the chapter's and benchmark's set-up)."""
+def pv_problem(name, objective="substation_power"):
+    """PV at a seeded 10 % of the load phases (the chapter's and the benchmark's set-up)."""
     net = dk.load_feeder(name)
-    r = radial_network(net)
-    ld = r.loads[(r.loads.s_pu.abs() > 0) & r.loads.scalable].drop_duplicates("node_from")
-    pick = np.sort(np.random.default_rng(seed).choice(len(ld), max(1, int(share * len(ld))), replace=False))
-    rows = ld.iloc[pick]
-    ders = der_table(net, list(r.nodes[rows.node_from]), 1.2 * np.abs(rows.s_pu.to_numpy()) * net.sbase / 1e3)
-    return OPFProblem(net, ders, objective=objective, vmin=0.9, vmax=1.1)
+    return OPFProblem(net, pv_sites(net), objective=objective, vmin=0.9, vmax=1.1)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from dopfkit.opf.problem import (
     OPFInfeasibleError,
     OPFProblem,
     der_table,
+    pv_sites,
 )
 
 FORMULATIONS = ("lindist3flow", "nlp", "socp", "sdp")
@@ -125,4 +126,4 @@ def _source_power(pf) -> float:
 
 
 __all__ = ["FORMULATIONS", "OBJECTIVES", "FormulationSolution", "OPFInfeasibleError", "OPFProblem",
-           "OPFResult", "check_against_powerflow", "der_table", "solve_opf"]
+           "OPFResult", "check_against_powerflow", "der_table", "pv_sites", "solve_opf"]

@@ -82,6 +82,21 @@ def der_table(net: Network, nodes, s_rated_kva, p_avail_kw=None, cost=1.0, names
                          "cost": np.broadcast_to(np.asarray(cost, float), (len(nodes),))})
 
 
+def pv_sites(net, share: float = 0.1, seed: int = 0):
+    """PV for examples and benchmarks: a seeded ``share`` of the load phases get a PV inverter (wye, at
+    the load's first node) rated 1.2x that phase's load; IEEE 37's loads are all delta, so delta
+    pairs count too."""
+    r = radial_network(net)
+    ld = r.loads[(r.loads.s_pu.abs() > 0) & r.loads.scalable]
+    ld = ld.drop_duplicates("node_from")
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(ld), size=max(1, int(share * len(ld))), replace=False)
+    rows = ld.iloc[np.sort(pick)]
+    nodes = list(r.nodes[rows.node_from])
+    kva = 1.2 * np.abs(rows.s_pu.to_numpy()) * net.sbase / 1e3
+    return der_table(net, nodes, kva)
+
+
 @dataclass
 class FormulationSolution:
     """What a formulation returns, in radial-node numbering and per unit."""
