@@ -2,5 +2,7 @@
 its MPI version, the OPTDIST-VC feedback volt/var controller and a dual-ascent method."""
 from dopfkit.distributed.admm import ADMM, ADMMResult, ADMMSettings, ADMMState
 from dopfkit.distributed.decomposition import Decomposition, decompose
+from dopfkit.distributed.dual import PACForm, PACResult, pac_form, solve_pac
 
-__all__ = ["ADMM", "ADMMResult", "ADMMSettings", "ADMMState", "Decomposition", "decompose"]
+__all__ = ["ADMM", "ADMMResult", "ADMMSettings", "ADMMState", "Decomposition", "PACForm", "PACResult",
+           "decompose", "pac_form", "solve_pac"]
