@@ -15,7 +15,7 @@ PYTHON ?= python3
 VENV := .venv
 VENV_ABS := $(abspath $(VENV))
 PY := $(VENV_ABS)/bin/python
-EXTRAS ?= core,notebooks,docs,dev
+EXTRAS ?= core,notebooks,docs,hpc,dev
 LOCK := requirements-lock.txt
 # the lock was frozen on CPython 3.11 and some of its pins need 3.11.5+; on another Python the extras'
 # pins alone are used
@@ -57,7 +57,7 @@ help:
 	@echo "make solvers     Ipopt for Pyomo: cyipopt-wheels + PyNumero ASL (Debian libamplsolver-dev)"
 	@echo "make notebooks   re-execute every chapters/*.ipynb in place with papermill"
 	@echo "make html        only the jupyter-book build, from the stored notebook outputs"
-	@echo "make benchmarks  python -m benchmarks.powerflow"
+	@echo "make benchmarks  python -m benchmarks.powerflow, .opf and .admm (data/results/*.json)"
 	@echo "make lint        ruff check"
 	@echo "make lock        re-freeze requirements-lock.txt from .venv"
 	@echo "make clean       remove build outputs (make distclean also removes .venv)"
@@ -147,6 +147,8 @@ test: $(VENV_STAMP) $(SOLVERS_STAMP)
 # ------------------------------------------------------------------------------------------- the rest
 benchmarks: $(VENV_STAMP) $(SOLVERS_STAMP)
 	$(PY) -m benchmarks.powerflow
+	$(PY) -m benchmarks.opf
+	$(PY) -m benchmarks.admm
 
 lint: $(VENV_STAMP)
 	$(VENV_ABS)/bin/ruff check dopfkit tests scripts $(wildcard benchmarks)
