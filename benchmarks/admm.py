@@ -36,11 +36,10 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-import dopfkit as dk  # noqa: E402
 from benchmarks.powerflow import machine  # noqa: E402
 from dopfkit.backend import gpu_available  # noqa: E402
 from dopfkit.distributed import ADMM, ADMMSettings, decompose  # noqa: E402
-from dopfkit.opf import OPFProblem, pv_sites  # noqa: E402
+from dopfkit.opf import pv_problem  # noqa: E402
 from dopfkit.opf.standard_form import solve_highs  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "results" / "admm.json"
@@ -63,11 +62,6 @@ ANDERSON_MAX_ITER = {"ieee8500": 10_000}      # O(mN) per iteration: capped on t
 MPI_FIXED_ITER = {"ieee8500": 2_000}          # MPI timing on a fixed count where a full solve is long
 
 
-def problem_for(name: str) -> OPFProblem:
-    net = dk.load_feeder(name)
-    return OPFProblem(net, pv_sites(net), objective="substation_power", vmin=0.9, vmax=1.1)
-
-
 def run(admm: ADMM, reference: float, **settings) -> dict:
     """One solve (untimed steps), plus a short timed run for the split of one iteration."""
     s = ADMMSettings(**settings)
@@ -80,7 +74,7 @@ def run(admm: ADMM, reference: float, **settings) -> dict:
 
 
 def bench_feeder(name: str, mpi: bool) -> dict:
-    p = problem_for(name)
+    p = pv_problem(name)
     t0 = time.perf_counter()
     dec = decompose(p)
     t_dec = time.perf_counter() - t0

@@ -4,16 +4,9 @@ import numpy as np
 import pytest
 from conftest import requires_gpu
 
-import dopfkit as dk
 from dopfkit.distributed import ADMM, ADMMSettings, decompose
-from dopfkit.opf import OPFProblem, pv_sites
+from dopfkit.opf import pv_problem
 from dopfkit.opf.standard_form import solve_highs
-
-
-def pv_problem(name, objective="substation_power"):
-    """PV at a seeded 10 % of the load phases (the chapter's and the benchmark's set-up)."""
-    net = dk.load_feeder(name)
-    return OPFProblem(net, pv_sites(net), objective=objective, vmin=0.9, vmax=1.1)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from dopfkit.opf.problem import (
     OPFInfeasibleError,
     OPFProblem,
     der_table,
+    pv_problem,
     pv_sites,
 )
 
@@ -126,4 +127,4 @@ def _source_power(pf) -> float:
 
 
 __all__ = ["FORMULATIONS", "OBJECTIVES", "FormulationSolution", "OPFInfeasibleError", "OPFProblem",
-           "OPFResult", "check_against_powerflow", "der_table", "pv_sites", "solve_opf"]
+           "OPFResult", "check_against_powerflow", "der_table", "pv_problem", "pv_sites", "solve_opf"]

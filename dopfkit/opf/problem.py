@@ -97,6 +97,15 @@ def pv_sites(net, share: float = 0.1, seed: int = 0):
     return der_table(net, nodes, kva)
 
 
+def pv_problem(feeder, share: float = 0.1, seed: int = 0, objective: str = "substation_power",
+               vmin: float = 0.9, vmax: float = 1.1) -> OPFProblem:
+    """The benchmarks' OPF: PV at a seeded ``share`` of the load phases (:func:`pv_sites`), limits
+    ``vmin``-``vmax`` at the load nodes. ``feeder``: a name for ``load_feeder`` or a loaded network."""
+    from dopfkit.network import load_feeder
+    net = load_feeder(feeder) if isinstance(feeder, str) else feeder
+    return OPFProblem(net, pv_sites(net, share, seed), objective=objective, vmin=vmin, vmax=vmax)
+
+
 @dataclass
 class FormulationSolution:
     """What a formulation returns, in radial-node numbering and per unit."""
