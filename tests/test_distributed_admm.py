@@ -68,6 +68,14 @@ def test_accelerated_admm_matches_highs_on_ieee13_in_fewer_iterations(case13):
     assert fast.iterations * 5 < plain.iterations
 
 
+def test_restarted_halpern_admm_matches_highs_on_ieee13_in_fewer_iterations(case13):
+    _, dec, sol = case13
+    plain = ADMM(dec).solve(ADMMSettings(rho=100, tol=1e-3, max_iter=20_000))
+    fast = ADMM(dec).solve(ADMMSettings(rho=100, tol=1e-3, halpern=True, reflect=1.0, max_iter=20_000))
+    _check_against_highs(dec, sol, fast)
+    assert fast.iterations * 5 < plain.iterations
+
+
 def test_accelerated_admm_matches_highs_on_ieee123():
     p = pv_problem("ieee123")
     dec = decompose(p)

@@ -72,6 +72,8 @@ class ADMMSettings:
     timing: bool = False            # synchronize after every step to time global/local/dual apart
     anderson: int = 0               # Anderson acceleration memory (0: off)
     anderson_safeguard: float = 2.0
+    halpern: bool = False           # restarted Halpern iteration (anchored averaging, adaptive restarts)
+    reflect: float = 0.0            # ... on the relaxed map (1 + reflect) T - reflect I (0 <= reflect <= 1)
     extra: dict = field(default_factory=dict)
 
 
@@ -174,7 +176,8 @@ class ADMM:
             x, lam = xp.asarray(warm_start.x.astype(dt)), xp.asarray(warm_start.lam.astype(dt))
             rho = float(warm_start.rho)
         w_prev = self.global_update(x, lam, rho)[self.copy_col]
-        accel = _Anderson(xp, s.anderson, s.anderson_safeguard) if s.anderson else None
+        accel = _Anderson(xp, s.anderson, s.anderson_safeguard) if s.anderson else \
+            _Halpern(xp, s.reflect) if s.halpern else None
         hist_r, hist_s, hist_rho, pending = [], [], [], []
         clock = [0.0, 0.0, 0.0]
         sync()
@@ -266,6 +269,39 @@ class _Anderson:
             f = f - xp.asarray(gamma.astype(self.dF.dtype)) @ self.dF[:k]
         n = x.shape[0]
         return f[:n], f[n:] * rho
+
+
+class _Halpern:
+    """Restarted Halpern iteration on the ADMM map: ``s <- (k+1)/(k+2) T(s) + 1/(k+2) s_anchor``,
+    with the anchor moved to the current point whenever the fixed-point residual has fallen to a fifth
+    of its value at the last restart, or to 0.8 of it and stopped improving (the restart rules of
+    restarted Halpern PDHG for LPs, Lu and Yang 2024). O(N) per iteration, no memory."""
+
+    def __init__(self, xp, reflect: float = 0.0, sufficient: float = 0.2, necessary: float = 0.8):
+        self.xp, self.reflect, self.sufficient, self.necessary = xp, reflect, sufficient, necessary
+        self.reset()
+
+    def reset(self):
+        self.anchor = None
+
+    def update(self, x, lam, x_new, lam_new, rho):
+        xp = self.xp
+        s = xp.concatenate([x, lam / rho])
+        t = xp.concatenate([x_new, lam_new / rho])
+        if self.reflect:
+            t = (1 + self.reflect) * t - self.reflect * s
+        r = float(xp.sqrt(xp.sum((t - s) ** 2)))
+        if self.anchor is None:
+            self.anchor, self.k, self.r_anchor, self.r_prev = s, 0, r, r
+        elif r <= self.sufficient * self.r_anchor or \
+                (r <= self.necessary * self.r_anchor and r > self.r_prev):
+            self.anchor, self.k, self.r_anchor = s, 0, r
+        self.r_prev = r
+        k = self.k
+        out = (k + 1) / (k + 2) * t + self.anchor / (k + 2)
+        self.k += 1
+        n = x.shape[0]
+        return out[:n], out[n:] * rho
 
 
 def _synchronizer(xp):
