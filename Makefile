@@ -57,7 +57,7 @@ help:
 	@echo "make solvers     Ipopt for Pyomo: cyipopt-wheels + PyNumero ASL (Debian libamplsolver-dev)"
 	@echo "make notebooks   re-execute every chapters/*.ipynb in place with papermill"
 	@echo "make html        only the jupyter-book build, from the stored notebook outputs"
-	@echo "make benchmarks  python -m benchmarks.powerflow, .opf and .admm (data/results/*.json)"
+	@echo "make benchmarks  python -m benchmarks.powerflow, .opf, .admm and .voltvar (data/results/*.json)"
 	@echo "make lint        ruff check"
 	@echo "make lock        re-freeze requirements-lock.txt from .venv"
 	@echo "make clean       remove build outputs (make distclean also removes .venv)"
@@ -149,6 +149,7 @@ benchmarks: $(VENV_STAMP) $(SOLVERS_STAMP)
 	$(PY) -m benchmarks.powerflow
 	$(PY) -m benchmarks.opf
 	$(PY) -m benchmarks.admm
+	$(PY) -m benchmarks.voltvar
 
 lint: $(VENV_STAMP)
 	$(VENV_ABS)/bin/ruff check dopfkit tests scripts $(wildcard benchmarks)
