@@ -220,3 +220,22 @@ def test_bad_inputs(net, ders, shapes):
         solve_multiperiod(net, ders, None, shapes[0], shapes[1], objective="energy_cost")
     with pytest.raises(ValueError, match="pv_shape"):
         solve_multiperiod(net, ders, None, shapes[0], None)
+
+
+def test_limits_at_load_nodes_only(net, ders):
+    """rg60 (no load) sits above 1.05 pu, so with limits on every node the day is infeasible (above);
+    with limits where the customers are it is feasible, the limited nodes are those of the single-period
+    OPFProblem, and every one of them is within its limits."""
+    from dopfkit.opf import OPFProblem
+    res = solve_multiperiod(net, ders, None, np.ones(2), np.ones(2), objective="substation_energy",
+                            vmin=0.95, vmax=1.05, dt_hours=1.0, solver="highs", limit_nodes="loads")
+    lo, hi = OPFProblem(net, ders, vmin=0.95, vmax=1.05, limit_nodes="loads").voltage_bounds()
+    radial = radial_network(net)
+    limited = np.isfinite(hi) & (lo < hi)                               # the source nodes are fixed
+    names = radial.nodes[limited]
+    v = res.vmag[names]
+    assert (v.to_numpy() >= 0.95 - 1e-7).all() and (v.to_numpy() <= 1.05 + 1e-7).all()
+    assert res.vmag.iloc[0].max() > 1.05                                # rg60, not a customer node
+    assert res.vmag.iloc[0].idxmax().startswith("rg60")
+    with pytest.raises(ValueError, match="limit_nodes"):
+        solve_multiperiod(net, None, None, np.ones(1), dt_hours=1.0, limit_nodes="some")

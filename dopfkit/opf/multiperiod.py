@@ -314,7 +314,7 @@ def solve_multiperiod(net: Network, ders: pd.DataFrame | None, storage: pd.DataF
                       pv_shape=None, objective: str = "substation_energy", vmin: float = 0.95,
                       vmax: float = 1.05, price=None, solver: str | None = None,
                       dt_hours: float | None = None, polygon_sides: int = 16, throughput_cost: float = 1e-4,
-                      options: dict | None = None) -> MultiPeriodResult:
+                      options: dict | None = None, limit_nodes: str = "all") -> MultiPeriodResult:
     """Solve the day-ahead LinDist3Flow OPF described in the module docstring.
 
     ``ders``: :func:`dopfkit.opf.problem.der_table` rows; each one's available power at step t is its
@@ -331,8 +331,12 @@ def solve_multiperiod(net: Network, ders: pd.DataFrame | None, storage: pd.DataF
     weight) x dt (p_ch + p_dis)`` added to the objective (and left out of the reported value): objectives
     that do not price energy (peak, curtailment) have many optima, and an interior-point solver returns
     their centre, which charges and discharges at once; the tie-breaker picks the optimum that cycles
-    least, at a cost of 1e-4 of the objective per unit of energy cycled.
+    least, at a cost of 1e-4 of the objective per unit of energy cycled. ``limit_nodes``: where
+    ``vmin``/``vmax`` apply, ``"all"`` nodes (the default here) or ``"loads"`` (nodes with a load, a
+    DER or a battery: the customers' service range, as in :class:`dopfkit.opf.OPFProblem`).
     """
+    if limit_nodes not in ("all", "loads"):
+        raise ValueError(f"limit_nodes must be 'loads' or 'all', not {limit_nodes!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     from dopfkit import solvers
@@ -356,10 +360,11 @@ def solve_multiperiod(net: Network, ders: pd.DataFrame | None, storage: pd.DataF
     _check_storage(storage)
     p_avail = _available(ders, pv_shape, T)
     weights = _step_weights(objective, price, dt, T)
+    limited = _limited_nodes(radial, ders, storage, limit_nodes)
 
     lay = _Layout(radial.n, blocks.n_flows, len(ders), len(storage), T)
     model = _assemble(blocks, lay, ders, storage, shape, p_avail, weights, objective, dt, vmin, vmax,
-                      polygon_sides)
+                      polygon_sides, limited)
     tie = np.zeros(model["n_x"])
     for name in ("pc", "pdis"):
         cols = (np.arange(T)[:, None] * lay.m + np.arange(lay.off[name].start, lay.off[name].stop)).ravel()
@@ -370,7 +375,7 @@ def solve_multiperiod(net: Network, ders: pd.DataFrame | None, storage: pd.DataF
 
     x, status, iters, solve_time = _SOLVE[solver](model, options)
     if status == "infeasible":
-        raise _diagnose_infeasible(model, lay, radial, index, vmin, vmax, solver, options)
+        raise _diagnose_infeasible(model, lay, radial, index, vmin, vmax, solver, options, limited)
     if x is None:
         raise RuntimeError(f"{solver} stopped with status {status!r} on the multi-period LinDist3Flow OPF "
                            f"of {net.name} ({T} steps)")
@@ -405,7 +410,19 @@ def _step_weights(objective, price, dt, T):
     return np.full(T, dt)
 
 
-def _assemble(blocks, lay, ders, storage, shape, p_avail, w, objective, dt, vmin, vmax, sides):
+def _limited_nodes(r: RadialNetwork, ders, storage, limit_nodes: str) -> np.ndarray:
+    """Radial nodes whose voltage is limited (never the fixed source nodes)."""
+    limited = np.ones(r.n, bool)
+    if limit_nodes == "loads":
+        limited[:] = False
+        for k in (r.loads["node_from"].to_numpy(), r.loads["node_to"].to_numpy(),
+                  ders["node"].to_numpy(int), storage["node"].to_numpy(int)):
+            limited[k[k >= 0]] = True
+    limited[r.root] = False
+    return limited
+
+
+def _assemble(blocks, lay, ders, storage, shape, p_avail, w, objective, dt, vmin, vmax, sides, limited):
     """The whole LP (or QP) as sparse matrices and bound vectors."""
     T, ns, r = lay.T, lay.ns, blocks.radial
     A, dA, b, db, sub = _step_blocks(blocks, lay, ders, storage)
@@ -456,16 +473,16 @@ def _assemble(blocks, lay, ders, storage, shape, p_avail, w, objective, dt, vmin
         L = _loss_hessian(blocks, lay)
         hessian = sp.block_diag([sp.kron(I_T, 2 * dt * L), sp.csr_matrix((n_x - T * lay.m,) * 2)]).tocsc()
 
-    lb, ub = _bounds(lay, r, storage, p_avail, ders, vmin, vmax, n_x)
+    lb, ub = _bounds(lay, r, storage, p_avail, ders, vmin, vmax, n_x, limited)
     return dict(A=sp.vstack(rows).tocsc(), lo=np.concatenate(lo), hi=np.concatenate(hi), lb=lb, ub=ub,
                 cost=cost, offset=offset, hessian=hessian, c_sub=c_sub.tocsr(), k_sub=k_sub,
                 c_qsub=c_qsub.tocsr(), k_qsub=k_qsub, n_x=n_x, objective=objective)
 
 
-def _bounds(lay, r: RadialNetwork, storage, p_avail, ders, vmin, vmax, n_x):
+def _bounds(lay, r: RadialNetwork, storage, p_avail, ders, vmin, vmax, n_x, limited):
     T, m, off = lay.T, lay.m, lay.off
     lb, ub = np.full((T, m), -np.inf), np.full((T, m), np.inf)
-    v_lo, v_hi = np.full(r.n, vmin ** 2), np.full(r.n, vmax ** 2)
+    v_lo, v_hi = np.where(limited, vmin ** 2, 0.0), np.where(limited, vmax ** 2, np.inf)
     v_lo[r.root] = v_hi[r.root] = r.v_root
     lb[:, off["v"]], ub[:, off["v"]] = v_lo, v_hi
     s_der = ders["s_rated"].to_numpy(float)
@@ -543,11 +560,12 @@ def _solve_highs(model, options):
     return x, status, iters, time.perf_counter() - t0
 
 
-def _diagnose_infeasible(model, lay, radial, index, vmin, vmax, solver, options) -> OPFInfeasibleError:
+def _diagnose_infeasible(model, lay, radial, index, vmin, vmax, solver, options,
+                         limited) -> OPFInfeasibleError:
     """Re-solve with the voltage limits made elastic (the only constraints that can exclude the idle
     point: DERs at zero and batteries holding their charge are always feasible) and name the worst."""
-    T, m, n = lay.T, lay.m, lay.n
-    nonroot = np.setdiff1d(np.arange(n), radial.root)
+    T, m = lay.T, lay.m
+    nonroot = np.flatnonzero(limited)                  # the limited nodes (the source is never one)
     vcols = (np.arange(T)[:, None] * m + nonroot[None, :]).ravel()
     k = vcols.size
     lb, ub = model["lb"].copy(), model["ub"].copy()
