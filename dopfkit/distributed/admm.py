@@ -3,7 +3,8 @@
 With ``z`` the global vector (bounds ``l <= z <= u``), ``x`` the stacked local copies and ``lam``
 their multipliers, one iteration of Ryu, Byeon and Kim (PSCC 2024) is
 
-1. global:  ``z_i = clip((sum_copies (rho x - lam) - q_i z_i-free part) / (rho n_i + q_i), l_i, u_i)``
+1. global:  ``z_i = clip(sum_copies (rho x - lam) / (rho n_i + q_i), l_i, u_i)``  (``q_i``: diagonal
+   quadratic cost, 0 for an LP)
 2. local:   ``x_s = P_s (B_s z + (lam_s - c_s) / rho) + k_s``    (batched per size group)
 3. dual:    ``lam += rho (B z - x)``
 
@@ -14,13 +15,15 @@ stays separable, so the local projectors never depend on ``rho``. That is what m
 cheap: residual balancing changes ``rho`` without refactoring anything.
 
 Accelerations beyond the paper (all off by default, so the default reproduces it):
-``adaptive=True`` (residual balancing, Boyd et al. 2011, section 3.4.1), ``relax`` in (1, 2)
+``anderson=m`` (type-II Anderson acceleration with a safeguard), ``halpern=True`` with
+``reflect=1.0`` (restarted reflected Halpern iteration, O(N) per step: the one that scales to IEEE
+8500), ``adaptive=True`` (residual balancing, Boyd et al. 2011, section 3.4.1), ``relax`` in (1, 2)
 (over-relaxation, section 3.4.3) and ``warm_start`` (the iterates of a previous solve).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -74,7 +77,6 @@ class ADMMSettings:
     anderson_safeguard: float = 2.0
     halpern: bool = False           # restarted Halpern iteration (anchored averaging, adaptive restarts)
     reflect: float = 0.0            # ... on the relaxed map (1 + reflect) T - reflect I (0 <= reflect <= 1)
-    extra: dict = field(default_factory=dict)
 
 
 class ADMM:
