@@ -179,7 +179,7 @@ class ADMM:
             rho = float(warm_start.rho)
         w_prev = self.global_update(x, lam, rho)[self.copy_col]
         accel = _Anderson(xp, s.anderson, s.anderson_safeguard) if s.anderson else \
-            _Halpern(xp, s.reflect) if s.halpern else None
+            _Halpern(xp, s.reflect, self.reduce_scalar) if s.halpern else None
         hist_r, hist_s, hist_rho, pending = [], [], [], []
         clock = [0.0, 0.0, 0.0]
         sync()
@@ -279,8 +279,11 @@ class _Halpern:
     of its value at the last restart, or to 0.8 of it and stopped improving (the restart rules of
     restarted Halpern PDHG for LPs, Lu and Yang 2024). O(N) per iteration, no memory."""
 
-    def __init__(self, xp, reflect: float = 0.0, sufficient: float = 0.2, necessary: float = 0.8):
-        self.xp, self.reflect, self.sufficient, self.necessary = xp, reflect, sufficient, necessary
+    def __init__(self, xp, reflect: float = 0.0, reduce_scalar=lambda a: a, sufficient: float = 0.2,
+                 necessary: float = 0.8):
+        # reduce_scalar: the residual norm spans every MPI rank, so all ranks restart together
+        self.xp, self.reflect, self.reduce = xp, reflect, reduce_scalar
+        self.sufficient, self.necessary = sufficient, necessary
         self.reset()
 
     def reset(self):
@@ -292,7 +295,7 @@ class _Halpern:
         t = xp.concatenate([x_new, lam_new / rho])
         if self.reflect:
             t = (1 + self.reflect) * t - self.reflect * s
-        r = float(xp.sqrt(xp.sum((t - s) ** 2)))
+        r = float(xp.sqrt(self.reduce(xp.sum((t - s) ** 2))))
         if self.anchor is None:
             self.anchor, self.k, self.r_anchor, self.r_prev = s, 0, r, r
         elif r <= self.sufficient * self.r_anchor or \

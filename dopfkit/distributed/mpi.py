@@ -278,6 +278,7 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Component-wise ADMM for the LinDist3Flow OPF over MPI ranks "
                                             "(start with mpiexec -n N).")
     p.add_argument("--feeder", default="ieee123")
+    p.add_argument("--halpern", action="store_true", help="restarted reflected Halpern acceleration")
     p.add_argument("--rho", type=float, default=100.0)
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--max-iter", type=int, default=50_000)
@@ -298,7 +299,8 @@ def main(argv=None) -> int:
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     problem = pv_problem(args.feeder, share=args.share, seed=args.seed)
-    settings = ADMMSettings(rho=args.rho, tol=args.tol, max_iter=args.max_iter)
+    settings = ADMMSettings(rho=args.rho, tol=args.tol, max_iter=args.max_iter, halpern=args.halpern,
+                            reflect=1.0 if args.halpern else 0.0)
     out = run_mpi_admm(problem, comm, settings, exchange=args.exchange, order=args.order,
                        split_wait=args.split_wait)
     out["feeder"] = args.feeder
