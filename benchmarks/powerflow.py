@@ -2,6 +2,8 @@
 
 For each feeder it records
 * accuracy: max |V_dopfkit - V_OpenDSS| (pu) on the snapshot, OpenDSS solved as tightly as it converges;
+  the same with each bus's common-mode error removed; and how sharp the reference is: how far
+  OpenDSS moves when solved once more, and how far its element currents miss Kirchhoff's law;
 * cold solve: dopfkit builds and factors its system matrix and solves from the no-load state;
   OpenDSS, after compiling, runs CalcVoltageBases (builds Y, solves no load) and Solve (controls
   off). File parsing is excluded on both sides;
@@ -29,7 +31,7 @@ import scipy
 import dopfkit as dk
 from dopfkit.backend import gpu_available
 from dopfkit.network.opendss_import import compile_case
-from dopfkit.opendss import compare
+from dopfkit.opendss import compare_detail
 from dopfkit.powerflow import ZBusSolver, zbus
 
 FEEDERS = ["ieee13", "ieee34", "ieee37", "ieee123", "ieee8500", "ieee9500"]
@@ -108,7 +110,8 @@ def dopfkit_batch_one_thread(solver: ZBusSolver, multipliers: np.ndarray) -> flo
 def bench_feeder(name: str, scenarios: int, rng: np.random.Generator) -> dict:
     net = dk.load_feeder(name)
     result = dk.solve_powerflow(net, raise_on_fail=False)
-    error = compare(result)                   # leaves OpenDSS on the tightly solved snapshot
+    detail = compare_detail(result)           # leaves OpenDSS on the tightly solved snapshot
+    error = detail["abs_error_pu"]
     repeat = 5 if net.n < 2000 else 3
     series = daily_multipliers()
     batch = rng.uniform(0.5, 1.2, scenarios)
@@ -120,7 +123,12 @@ def bench_feeder(name: str, scenarios: int, rng: np.random.Generator) -> dict:
         "nodes": net.n,
         "max_abs_error_pu": float(error.max()),
         "worst_node": str(error.idxmax()),
+        "max_differential_error_pu": float(detail["differential_error_pu"].max()),
         "opendss_tolerance": net.feeder.opendss_tolerance,
+        "opendss_repeat_pu": detail.attrs["opendss_repeat_pu"],
+        "opendss_kcl_max_a": float(detail["opendss_kcl_a"].max()),
+        "opendss_kcl_worst_node": str(detail["opendss_kcl_a"].idxmax()),
+        "stalled_at_rounding_floor": bool(result.extra["stalled"]),
         "iterations": result.iterations,
         "converged": result.converged,
         "report": {k: int(v) for k, v in net.feeder.report.to_frame()["status"].value_counts().items()},

@@ -79,6 +79,7 @@ class Load(Element):
     zipv: tuple[float, ...] = ()
     cvr: tuple[float, float] = (1.0, 2.0)  # model 4 exponents of P and Q (CVRwatts, CVRvars)
     fixed: bool = False            # OpenDSS status=fixed: load multipliers do not scale it
+    phase_kva: tuple[complex, ...] = ()  # nominal kVA of each phase where they differ (DERs)
 
     def pairs(self) -> list[tuple[int, int]]:
         return shunt_pairs(self.phases, self.delta)

@@ -166,9 +166,9 @@ def _load_pairs(feeder: Feeder, index, vbase: np.ndarray) -> LoadPairs:
     for e, ld in enumerate(feeder.loads):
         nodes = _conductor_nodes(index, ld.buses, ld.nodes)
         zipv = np.zeros(7) if ld.model != 8 else np.asarray(ld.zipv, float)
-        for a, b in ld.pairs():
-            rows.append((ld.name, e, nodes[a], nodes[b],
-                         (ld.kw + 1j * ld.kvar) * 1e3 / ld.phases,
+        for k, (a, b) in enumerate(ld.pairs()):
+            kva = ld.phase_kva[k] if ld.phase_kva else (ld.kw + 1j * ld.kvar) / ld.phases
+            rows.append((ld.name, e, nodes[a], nodes[b], kva * 1e3,
                          phase_voltage_base(ld.kv, ld.phases, ld.delta), ld.model,
                          ld.vminpu, ld.vmaxpu, ld.vlowpu, zipv,
                          ld.exponents(), not ld.fixed))

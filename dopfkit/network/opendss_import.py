@@ -159,24 +159,63 @@ def _read_loads(report: ImportReport, master: str) -> list[Load]:
     return loads
 
 
-def _injection_from_solution(name: str) -> Load:
-    """A generator, PV system or storage unit as OpenDSS's generator model 1 at the snapshot.
+def _injection_from_solution(name: str) -> tuple[Load, str]:
+    """A generator, PV system or storage unit frozen at the snapshot as OpenDSS's generator model 1.
 
-    Constant P, Q inside [Vminpu, Vmaxpu], constant impedance outside. The nominal P, Q is what
-    OpenDSS delivered in the snapshot, rescaled by 1/v**2 on phases that ran in impedance mode.
+    Constant P, Q inside [Vminpu, Vmaxpu], constant impedance outside: the nominal value is what
+    each phase delivered in the snapshot, rescaled on phases that ran in impedance mode so that the
+    impedance draws it at the snapshot's voltage (IEEE 9500's batteries, rated 12.47 kV on a 480 V
+    bus, all do). A three-phase delta element's branch currents cannot be told apart from
+    its terminals (a circulating current is invisible), so its phases share the total equally.
+    Returns the element and how it was represented, for the import report.
     """
     buses, nodes = _terminals()
     phases, delta = dss.CktElement.NumPhases(), _property(name, "conn").lower().startswith("d")
     kv, vmin, vmax = (float(_property(name, p)) for p in ("kV", "Vminpu", "Vmaxpu"))
-    s = np.asarray(dss.CktElement.Powers(), float).reshape(-1, 2) @ [1, 1j]   # kVA drawn, per conductor
     v = np.asarray(dss.CktElement.Voltages(), float).reshape(-1, 2) @ [1, 1j]
+    i = np.asarray(dss.CktElement.Currents(), float).reshape(-1, 2) @ [1, 1j]
+    how = ("constant P, Q at the snapshot's output (impedance outside [Vminpu, Vmaxpu]); "
+           "inverter controls not modelled")
+    if name.startswith("generator.") and _property(name, "model").strip() == "3":
+        # OpenDSS reports a PV-mode generator's vars after one more update than its voltages were
+        # solved with (IEEE 9500's steam unit: 1 % of its current); the network saw the rest
+        mismatch = _kcl_mismatch(buses[0], nodes[0])
+        i[: len(mismatch)] -= mismatch
+        dss.Circuit.SetActiveElement(name)
+        how = ("PV-mode generator (model 3) frozen at the P, Q its bus received in the snapshot "
+               f"(Kirchhoff's current law there; OpenDSS's report is off by "
+               f"{np.abs(mismatch).max():.3g} A)")
     pairs = shunt_pairs(phases, delta)
-    vpu = np.array([abs(v[a] - (v[b] if b < len(v) else 0)) for a, b in pairs])
-    vpu /= phase_voltage_base(kv, phases, delta)
-    s_phase = np.full(len(pairs), s.sum() / len(pairs))
-    s_nom = np.where((vpu > vmin) & (vpu <= vmax), s_phase, s_phase / vpu**2).sum()
-    return Load(name, buses, nodes, phases=phases, delta=delta, kw=s_nom.real, kvar=s_nom.imag,
-                kv=kv, model=1, vminpu=vmin, vmaxpu=vmax, vlowpu=0.0, fixed=True)
+    u = np.array([v[a] - (v[b] if b < len(v) else 0) for a, b in pairs])
+    if delta and phases > 1:
+        s_pair = np.full(len(pairs), (v[:phases] * np.conj(i[:phases])).sum() / len(pairs))
+    else:
+        s_pair = u * np.conj(i[[a for a, _ in pairs]])
+    vpu = np.abs(u) / phase_voltage_base(kv, phases, delta)
+    # outside the band the model is the impedance that draws the nominal power at the band's edge
+    edge = np.where(vpu <= vmin, vmin, np.where(vpu > vmax, vmax, vpu))
+    s_nom = s_pair * (edge / vpu) ** 2 / 1e3   # kVA
+    total = s_nom.sum()
+    return Load(name, buses, nodes, phases=phases, delta=delta, kw=total.real, kvar=total.imag,
+                kv=kv, model=1, vminpu=vmin, vmaxpu=vmax, vlowpu=0.0, fixed=True,
+                phase_kva=tuple(s_nom)), how
+
+
+def _kcl_mismatch(bus: str, conductor_nodes) -> np.ndarray:
+    """Sum of the currents (A) every element at ``bus`` draws from each of the given nodes: zero in
+    a consistent solution. Leaves no element active."""
+    total = np.zeros(len(conductor_nodes), complex)
+    dss.Circuit.SetActiveBus(bus)
+    for element in list(dss.Bus.AllPCEatBus()) + list(dss.Bus.AllPDEatBus()):
+        dss.Circuit.SetActiveElement(element)
+        buses, nodes = _terminals()
+        current = np.asarray(dss.CktElement.Currents(), float).reshape(len(buses), -1, 2) @ [1, 1j]
+        for b, ns, cur in zip(buses, nodes, current):
+            if b == bus:
+                for k, n in enumerate(conductor_nodes):
+                    if n != 0 and n in ns:
+                        total[k] += cur[ns.index(n)]
+    return total
 
 
 def _floats(text: str) -> list[float]:
@@ -240,9 +279,9 @@ def read_feeder(master: str | Path, name: str | None = None) -> Feeder:
             transformers.append(read_transformer(dss, ename.split(".", 1)[1]))
             report.add(ename, EXACT, "winding model with the snapshot's taps")
         elif kind in ("generator", "pvsystem", "storage"):
-            others.append(_injection_from_solution(ename))
-            report.add(ename, APPROXIMATED, "constant P, Q at the snapshot's output (impedance outside "
-                                            "[Vminpu, Vmaxpu]); inverter controls not modelled")
+            injection, how = _injection_from_solution(ename)
+            others.append(injection)
+            report.add(ename, APPROXIMATED, how)
         elif kind == "reactor":
             buses, nodes = _terminals()
             shunts.append(Shunt(ename, buses, nodes, yprim=_complex_matrix(dss.CktElement.YPrim())))

@@ -143,17 +143,19 @@ class ZBusSolver:
         V = xp.empty_like(v)
         cols = xp.arange(v.shape[1])                      # the columns still iterating
         currents = load_model(s, self.net.loads, xp)
-        history = []
+        v_nom = xp.asarray(self.net.loads.v_nom)[:, None] / self.net.sbase
+        history, i_pairs = [], None
         for _ in range(max_iter):
             u = self._M @ v
-            rhs = self._MT @ ((currents(u) - y_nom * u) * scale)
+            i_prev, i_pairs = i_pairs, currents(u)
+            rhs = self._MT @ ((i_pairs - y_nom * u) * scale)
             rhs += i_src
             v_new = solve(rhs)
             v -= v_new                                    # the step, in place: batches are large
             step = xp.abs(v).max(axis=0)
             history.append(float(step.max()))
             v = v_new
-            if history[-1] < tol or _stalled(history, tol):
+            if history[-1] < tol or _stalled(history, tol, i_pairs, i_prev, v_nom, xp):
                 break
             done = step < tol
             if bool(done.any()):                          # retire converged columns
@@ -162,7 +164,7 @@ class ZBusSolver:
                 v, cols, s = v[:, keep], cols[keep], s[:, keep]
                 currents = load_model(s, self.net.loads, xp)
         V[:, cols] = v
-        converged = history[-1] < tol or _stalled(history, tol)
+        converged = history[-1] < tol or _stalled(history, tol, i_pairs, i_prev, v_nom, xp)
         return V, history, converged, history[-1] >= tol
 
 
@@ -239,11 +241,23 @@ def _level_blocks(T: sp.csr_matrix):
     return order, blocks
 
 
-def _stalled(history: list[float], tol: float) -> bool:
-    """A load sitting exactly on an OpenDSS model boundary (|u| = vmax) can make the iteration
-    hop between two regimes forever, a 2-cycle far below any meaningful accuracy. Accept it when
-    the step no longer shrinks and is within 100 tol; the result says so in ``extra["stalled"]``."""
-    return len(history) >= 4 and history[-1] < 100 * tol and history[-1] >= 0.9 * history[-3]
+def _stalled(history: list[float], tol: float, i_pairs=None, i_prev=None, v_nom=None, xp=np) -> bool:
+    """Accept a step that no longer shrinks, in two cases; the result says so (``extra["stalled"]``).
+
+    - A load sitting exactly on an OpenDSS model boundary (|u| = vmax) can make the iteration hop
+      between two regimes forever, a 2-cycle within 100 tol.
+    - Voltages that no load sees can wander at the rounding floor of the linear solve while every
+      load's power has settled (its step within 100 tol, per unit): IEEE 9500's 480 V delta islands,
+      grounded only through 1-ppm anti-float reactors, against a 0.001-ohm source, float by ~1e-5
+      pu in OpenDSS as here.
+    """
+    if len(history) < 4 or history[-1] < 0.9 * history[-3]:
+        return False
+    if history[-1] < 100 * tol:
+        return True
+    if i_prev is None or i_prev.shape != i_pairs.shape:
+        return False
+    return float(xp.abs((i_pairs - i_prev) * v_nom).max()) < 100 * tol
 
 
 def _to_device_csr(m: sp.spmatrix, dtype):
