@@ -5,8 +5,8 @@ distopf (PyPI) side by side, in one run. Writes data/results/opf.json.
 
 Per feeder:
 * LinDist3Flow as a power flow at nominal load (no decisions): max |V| error against the exact power
-  flow (which itself matches OpenDSS to 1e-8 pu, see powerflow.json), over all nodes and over the
-  nodes not fed through a floating-delta transformer;
+  flow (within 1e-8 pu of OpenDSS on IEEE 13 to 8500, see powerflow.json), over all nodes and over
+  the nodes not fed through a floating-delta transformer;
 * the OPF (PV at a seeded 10% of the load phases, objective "substation_power", limits 0.9-1.1 pu
   at the load nodes) with each formulation: build time, solve time (best of ``repeat``), objective,
   and the check of its set-points in the exact power flow;
