@@ -34,9 +34,10 @@ def compare(result, master=None, tolerance: float = 1e-10) -> pd.Series:
 
 
 def compare_detail(result, master=None, tolerance: float = 1e-10) -> pd.DataFrame:
-    """Per node: ``abs_error_pu``; ``differential_error_pu``, the same with each bus's common-mode
-    (mean) error removed, which is what phase-to-phase voltages and delta loads see; and
-    ``opendss_kcl_a``, how far OpenDSS's own element currents miss Kirchhoff's current law there.
+    """Per node: ``abs_error_pu``; ``differential_error_pu``, the same with the common-mode (mean)
+    error of each bus of two or more nodes removed, which is what phase-to-phase voltages and delta
+    loads see; and ``opendss_kcl_a``, how far OpenDSS's own element currents miss Kirchhoff's
+    current law there.
 
     ``.attrs``: ``tolerance`` OpenDSS converged to and ``opendss_repeat_pu``, how far its voltages
     move when the converged snapshot is solved once more. Together they say how sharp the
@@ -45,9 +46,9 @@ def compare_detail(result, master=None, tolerance: float = 1e-10) -> pd.DataFram
     net = result.network
     ref = opendss_voltages(master or net.feeder.master, tolerance).reindex(net.nodes)
     error = result.voltages - ref / net.vbase
-    bus = net.nodes.str.rsplit(".", n=1).str[0]
-    out = pd.DataFrame({"abs_error_pu": error.abs(),
-                        "differential_error_pu": (error - error.groupby(bus).transform("mean")).abs(),
+    by_bus = error.groupby(net.nodes.str.rsplit(".", n=1).str[0])
+    common = by_bus.transform("mean").where(by_bus.transform("size") > 1, 0)   # 1 node: no pairs
+    out = pd.DataFrame({"abs_error_pu": error.abs(), "differential_error_pu": (error - common).abs(),
                         "opendss_kcl_a": kcl_mismatch().reindex(net.nodes)})
     dss.Text.Command("Solve")
     out.attrs = {"tolerance": ref.attrs["tolerance"],

@@ -203,7 +203,7 @@ def _injection_from_solution(name: str) -> tuple[Load, str]:
 
 def _kcl_mismatch(bus: str, conductor_nodes) -> np.ndarray:
     """Sum of the currents (A) every element at ``bus`` draws from each of the given nodes: zero in
-    a consistent solution. Leaves no element active."""
+    a consistent solution. Changes the active element."""
     total = np.zeros(len(conductor_nodes), complex)
     dss.Circuit.SetActiveBus(bus)
     for element in list(dss.Bus.AllPCEatBus()) + list(dss.Bus.AllPDEatBus()):
