@@ -37,6 +37,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from benchmarks import write_results  # noqa: E402
 from benchmarks.powerflow import machine  # noqa: E402
 from dopfkit.backend import gpu_available  # noqa: E402
 from dopfkit.distributed import ADMM, ADMMSettings, decompose  # noqa: E402
@@ -166,8 +167,7 @@ def main(argv=None) -> dict:
         print(f"  paper's ADMM {r['numpy_paper']['iterations']} iterations "
               f"({r['numpy_paper']['per_iteration_ms']['iteration']:.3f} ms each); accelerated "
               f"{best['iterations']}; paper reported {PAPER[name]['iterations']}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    write_results(results, args.out)
     return results
 
 

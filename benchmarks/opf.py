@@ -15,12 +15,12 @@ Per feeder:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import dopfkit as dk
+from benchmarks import write_results
 from benchmarks.powerflow import machine
 from dopfkit.network.radial import radial_network
 from dopfkit.opf import pv_sites, solve_opf
@@ -122,8 +122,7 @@ def main(argv=None) -> dict:
         print(f"  LinDist3Flow error {res['lindist3flow_powerflow']['max_error_pct']:.3f}% "
               f"(grounded {res['lindist3flow_powerflow']['max_error_grounded_pct']:.3f}%), "
               f"OPF {lin.get('total_s', float('nan')) * 1e3:.1f} ms {lin.get('status')}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    write_results(results, args.out)
     return results
 
 

@@ -18,7 +18,6 @@ For each feeder it records
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from datetime import datetime, timezone
@@ -29,6 +28,7 @@ import opendssdirect as dss
 import scipy
 
 import dopfkit as dk
+from benchmarks import write_results
 from dopfkit.backend import gpu_available
 from dopfkit.network.opendss_import import compile_case
 from dopfkit.opendss import compare_detail
@@ -182,8 +182,7 @@ def main(argv=None) -> dict:
               f"batch {bat['dopfkit_cpu']:8.0f} ({bat['dopfkit_cpu_1thread']:.0f} on 1 thread) / "
               f"{bat['opendss_sequential']:8.0f} scen/s  "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    write_results(results, args.out)
     print(f"wrote {args.out}")
     return results
 

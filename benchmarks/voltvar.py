@@ -13,13 +13,13 @@ The exact-plant runs are too long for the chapter, which reads this record.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks import write_results
 from benchmarks.powerflow import machine
 from dopfkit.distributed import voltvar as vv
 
@@ -69,8 +69,7 @@ def main(argv=None) -> dict:
         out["runs"][label] = rec = record(hist, opt, q_range, time.perf_counter() - t0)
         print(f"  {rec['steps_to_1e-3_of_range']} steps to 1e-3 of the range; final violation "
               f"{rec['final_violation_pu']:.1e} pu", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1, default=float) + "\n")
+    write_results(out, args.out)
     return out
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import opendssdirect as dss
 import pandas as pd
 
-from dopfkit.network.opendss_import import compile_case, solve_snapshot
+from dopfkit.network.opendss_import import compile_case, node_currents, solve_snapshot
 
 
 def opendss_voltages(master, tolerance: float = 1e-10) -> pd.Series:
@@ -69,16 +69,10 @@ def kcl_mismatch() -> pd.Series:
     total = np.zeros(len(names), complex)
     for element in dss.Circuit.AllElementNames():
         dss.Circuit.SetActiveElement(element)
-        if not dss.CktElement.Enabled():
-            continue
-        buses = [b.split(".")[0].lower() for b in dss.CktElement.BusNames()]
-        nodes = np.asarray(dss.CktElement.NodeOrder(), int).reshape(len(buses), -1)
-        currents = np.asarray(dss.CktElement.Currents()).reshape(len(buses), -1, 2) @ [1, 1j]
-        for bus, ns, cs in zip(buses, nodes, currents):
-            for n, c in zip(ns, cs):
-                k = index.get(f"{bus}.{n}") if n else None
-                if k is not None:
-                    total[k] += c
+        if dss.CktElement.Enabled():
+            for node, c in node_currents():
+                if node in index:
+                    total[index[node]] += c
     return pd.Series(np.abs(total), index=names, name="opendss_kcl_a")
 
 

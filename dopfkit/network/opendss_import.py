@@ -201,20 +201,26 @@ def _injection_from_solution(name: str) -> tuple[Load, str]:
                 phase_kva=tuple(s_nom)), how
 
 
+def node_currents() -> list[tuple[str, complex]]:
+    """(``"bus.node"``, current in A drawn from that node) for every ungrounded conductor of the
+    active element: what a Kirchhoff's-law check adds up."""
+    buses, nodes = _terminals()
+    current = np.asarray(dss.CktElement.Currents(), float).reshape(len(buses), -1, 2) @ [1, 1j]
+    return [(f"{b}.{n}", c) for b, ns, cs in zip(buses, nodes, current)
+            for n, c in zip(ns, cs) if n != 0]
+
+
 def _kcl_mismatch(bus: str, conductor_nodes) -> np.ndarray:
     """Sum of the currents (A) every element at ``bus`` draws from each of the given nodes: zero in
     a consistent solution. Changes the active element."""
+    index = {f"{bus}.{n}": k for k, n in enumerate(conductor_nodes) if n != 0}
     total = np.zeros(len(conductor_nodes), complex)
     dss.Circuit.SetActiveBus(bus)
     for element in list(dss.Bus.AllPCEatBus()) + list(dss.Bus.AllPDEatBus()):
         dss.Circuit.SetActiveElement(element)
-        buses, nodes = _terminals()
-        current = np.asarray(dss.CktElement.Currents(), float).reshape(len(buses), -1, 2) @ [1, 1j]
-        for b, ns, cur in zip(buses, nodes, current):
-            if b == bus:
-                for k, n in enumerate(conductor_nodes):
-                    if n != 0 and n in ns:
-                        total[k] += cur[ns.index(n)]
+        for node, c in node_currents():
+            if node in index:
+                total[index[node]] += c
     return total
 
 
