@@ -105,8 +105,24 @@ def test_standard_form_shape_and_named_blocks(nets):
     r = radial_network(net)
     lp = lindist3flow_lp(OPFProblem(net, der_table(net, ["83.1"], 100)))
     n, nf = r.n, r.n - len(r.root)
-    assert lp.A.shape == (2 * n + nf + 16, n + 2 * nf + 2 * len(r.root) + 2 + 16)
+    assert lp.A.shape == (2 * n + nf + 8, n + 2 * nf + 2 * len(r.root) + 2 + 8)   # 8 binding faces
     assert set(lp.rows) == {"power balance P", "power balance Q", "voltage drop", "inverter capability"}
+
+
+def test_inverter_polygon_is_inscribed_with_a_vertex_at_full_active_power(nets):
+    """The capability rows, read off the LP, admit (S, 0) and (0, +-S) and nothing outside the circle."""
+    net = nets["ieee13"]
+    lp = lindist3flow_lp(OPFProblem(net, der_table(net, ["675.1"], 1.0)))
+    rows, S = lp.rows["inverter capability"], lp.upper[lp.columns["q_der"]][0]
+    a_p = lp.A[rows][:, lp.columns["p_der"]].toarray().ravel()
+    a_q = lp.A[rows][:, lp.columns["q_der"]].toarray().ravel()
+    slack = lambda p, q: lp.b[rows] - a_p * p - a_q * q                  # noqa: E731
+    for p, q in ((S, 0.0), (0.0, S), (0.0, -S), (S * np.cos(np.pi / 8), S * np.sin(np.pi / 8))):
+        assert slack(p, q).min() >= -1e-12 * S                           # vertices on the circle
+    phi = np.linspace(-np.pi / 2, np.pi / 2, 181)
+    outside = [slack(1.001 * S * np.cos(f), 1.001 * S * np.sin(f)).min() < 0 for f in phi]
+    assert all(outside)                                                  # an inner approximation
+    assert slack(S * np.cos(np.pi / 16), S * np.sin(np.pi / 16)).min() < 0     # mid-arc: cut off
 
 
 def test_infeasible_limits_name_the_family(nets):

@@ -210,6 +210,17 @@ IPM_ABOVE = 5000      # columns beyond which HiGHS's IPM is used instead of its 
 POLYGON_SIDES = 16    # inverter circle |p + jq| <= s as an inscribed 16-gon: at most 2% conservative
 
 
+def capability_polygon(sides: int = POLYGON_SIDES):
+    """Faces ``cos(th_k) p + sin(th_k) q <= S * shrink`` of the regular ``sides``-gon inscribed in the
+    inverter's circle, ``th_k = (2k + 1) pi / sides``. A multiple of 4 puts vertices at (S, 0) and
+    (0, +-S): full active power at unity power factor, full reactive power at p = 0. For a generator
+    (p >= 0, |q| <= S as bounds) only the faces with ``cos > 0`` bind; returns ``(cos, sin, shrink)``."""
+    if sides < 4 or sides % 4:
+        raise ValueError(f"polygon_sides must be a multiple of 4 (>= 4), got {sides}")
+    th = (2 * np.arange(sides) + 1) * np.pi / sides
+    return np.cos(th), np.sin(th), np.cos(np.pi / sides)
+
+
 def lindist3flow_lp(problem, blocks: LinDist3FlowBlocks | None = None):
     """The LinDist3Flow OPF of ``problem`` as a :class:`StandardFormLP`.
 
@@ -221,16 +232,18 @@ def lindist3flow_lp(problem, blocks: LinDist3FlowBlocks | None = None):
     from dopfkit.opf.standard_form import StandardFormLP
     b_ = blocks or lindist3flow_blocks(problem.radial)
     r, ders = b_.radial, problem.ders
-    n, nf, nr, nd, K = r.n, b_.n_flows, len(r.root), len(ders), POLYGON_SIDES
+    cos, sin, shrink = capability_polygon()
+    faces = cos > 0                         # p_der >= 0: the faces facing p < 0 cannot bind
+    cos, sin = cos[faces], sin[faces]
+    n, nf, nr, nd, K = r.n, b_.n_flows, len(r.root), len(ders), len(cos)
     H, s_const = b_.load_terms(problem.load_scale)
     fn = b_.flow_node
     E = sp.csr_matrix((np.ones(nf), (fn, np.arange(nf))), shape=(n, nf))
     R = sp.csr_matrix((np.ones(nr), (r.root, np.arange(nr))), shape=(n, nr))
     D = sp.csr_matrix((np.ones(nd), (ders["node"].to_numpy(), np.arange(nd))), shape=(n, nd))
     Tr, Ti, Cr, Ci = b_.T.real, b_.T.imag, b_.C.real, b_.C.imag
-    th = 2 * np.pi * np.arange(K) / K
-    poly_p = sp.kron(sp.eye(nd), np.cos(th)[:, None])
-    poly_q = sp.kron(sp.eye(nd), np.sin(th)[:, None])
+    poly_p = sp.kron(sp.eye(nd), cos[:, None])
+    poly_q = sp.kron(sp.eye(nd), sin[:, None])
     Z = lambda rows, cols: sp.csr_matrix((rows, cols))  # noqa: E731
     A = sp.bmat([
         [-H.real, E - Tr, Ti, R, Z(n, nr), D, Z(n, nd), Z(n, nd * K)],
@@ -240,7 +253,7 @@ def lindist3flow_lp(problem, blocks: LinDist3FlowBlocks | None = None):
          sp.eye(nd * K)]], format="csr")
     s_rated = ders["s_rated"].to_numpy()
     b = np.concatenate([s_const.real, s_const.imag, np.zeros(nf),
-                        np.repeat(s_rated * np.cos(np.pi / K), K)])
+                        np.repeat(s_rated * shrink, K)])
     sizes = {"v": n, "P": nf, "Q": nf, "p_src": nr, "q_src": nr, "p_der": nd, "q_der": nd, "slack": nd * K}
     columns = _blocks(sizes)
     rows = _blocks({"power balance P": n, "power balance Q": n, "voltage drop": nf,

@@ -55,7 +55,7 @@ import scipy.sparse as sp
 
 from dopfkit.network.math_model import Network
 from dopfkit.network.radial import RadialNetwork, radial_network
-from dopfkit.opf.lindist3flow import LinDist3FlowBlocks, lindist3flow_blocks
+from dopfkit.opf.lindist3flow import LinDist3FlowBlocks, capability_polygon, lindist3flow_blocks
 from dopfkit.opf.problem import OPFInfeasibleError
 
 OBJECTIVES = ("substation_energy", "energy_cost", "peak_demand", "curtailment", "losses")
@@ -262,17 +262,9 @@ def _clean(M: sp.spmatrix) -> sp.csr_matrix:
     return M
 
 
-def _polygon(sides: int):
-    if sides < 4 or sides % 4:
-        # a multiple of 4 puts vertices at (S, 0) and (0, +-S): full p, full q, and the DER half-polygon
-        raise ValueError(f"polygon_sides must be a multiple of 4 (>= 4), got {sides}")
-    th = (2 * np.arange(sides) + 1) * np.pi / sides     # vertices at 0, 2pi/m, ...: full p at q = 0
-    return np.cos(th), np.sin(th), np.cos(np.pi / sides)
-
-
 def _capability_rows(lay: _Layout, ders, storage, sides):
     """Polygon rows of one step: a (rows x m) matrix and its upper bounds."""
-    cos, sin, shrink = _polygon(sides)
+    cos, sin, shrink = capability_polygon(sides)
     blocks, ub = [], []
     # a DER's p >= 0 makes the faces facing p < 0 redundant (the vertices (0, +-S) bound q): half the rows
     for (p_cols, q_cols, s, faces) in (
