@@ -60,7 +60,7 @@ RHO, TOL = 100.0, 1e-3
 RHOS = {"ieee8500": [100.0]}             # Anderson's rho values (default: DEFAULT_RHOS)
 DEFAULT_RHOS = [10.0, 30.0, 100.0]
 HALPERN_RHOS = [3.0, 10.0, 30.0]
-MAX_ITER = {"ieee8500": 60_000}
+MAX_ITER = {"ieee123": 60_000, "ieee8500": 60_000}
 ANDERSON_MAX_ITER = {"ieee8500": 10_000}      # O(mN) per iteration: capped on the large feeder
 MPI_FIXED_ITER = {"ieee8500": 2_000}          # MPI timing on a fixed count where a full solve is long
 

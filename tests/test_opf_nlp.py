@@ -106,17 +106,44 @@ def test_overload_beyond_collapse_blames_the_power_flow_equations(nets):
 def test_zip_and_exponential_loads_follow_opendss_laws(nets):
     """IEEE 13 has constant P, I and Z loads only; turn some into ZIP (model 8, delta and wye) and
     CVR exponents (model 4) and the NLP must still land on the exact power flow's voltages."""
+    mixed = _mixed_laws(nets["ieee13"])
+    prob = OPFProblem(mixed, der_table(mixed, [], 1.0), objective="substation_power", vmin=0.8, vmax=1.2)
+    sol = solve_nlp(prob)
+    assert sol.extra["loads_outside_band"] == []
+    assert _vmag_error(sol, radial_network(mixed), dk.solve_powerflow(mixed)).max() <= 1e-6
+
+
+def _mixed_laws(net):
+    """IEEE 13 with some loads turned into ZIP (model 8) and CVR exponents (model 4)."""
     import dataclasses
 
-    net = nets["ieee13"]
     lp = net.loads
     model, expo, zipv = lp.model.copy(), lp.exponents.copy(), lp.zipv.copy()
     is_zip = np.isin(lp.names, ["load.671", "load.634a", "load.652"])
     is_cvr = np.isin(lp.names, ["load.675a", "load.675b", "load.692"])
     model[is_zip], zipv[is_zip] = 8, [0.3, 0.3, 0.4, 0.2, 0.5, 0.3, 0.0]
     model[is_cvr], expo[is_cvr] = 4, [0.8, 3.0]
-    mixed = dataclasses.replace(net, loads=dataclasses.replace(lp, model=model, exponents=expo, zipv=zipv))
-    prob = OPFProblem(mixed, der_table(mixed, [], 1.0), objective="substation_power", vmin=0.8, vmax=1.2)
+    return dataclasses.replace(net, loads=dataclasses.replace(lp, model=model, exponents=expo, zipv=zipv))
+
+
+def test_loads_outside_their_band_follow_opendss_regimes(nets):
+    """Narrow some loads' vminpu..vmaxpu so that OpenDSS's impedance regimes apply (below vminpu:
+    constant power, current, ZIP and CVR loads; above vmaxpu: the same kinds). With no decisions the
+    NLP must land on the exact power flow, which follows OpenDSS's regimes; with the regime loop cut
+    to one round (every load kept on its band law) it does not."""
+    import dataclasses
+
+    net = _mixed_laws(nets["ieee13"])
+    lp = net.loads
+    below = np.isin(lp.names, ["load.671", "load.675a", "load.611", "load.634b", "load.670a"])
+    above = np.isin(lp.names, ["load.652", "load.692", "load.634a", "load.645"])
+    vmin, vmax = lp.vmin.copy(), lp.vmax.copy()
+    vmin[below], vmax[above] = 1.1, 0.9
+    narrow = dataclasses.replace(net, loads=dataclasses.replace(lp, vmin=vmin, vmax=vmax))
+    prob = OPFProblem(narrow, der_table(narrow, [], 1.0), objective="substation_power", vmin=0.8, vmax=1.2)
+    pf = dk.solve_powerflow(narrow)
     sol = solve_nlp(prob)
-    assert sol.extra["loads_outside_band"] == []
-    assert _vmag_error(sol, radial_network(mixed), dk.solve_powerflow(mixed)).max() <= 1e-6
+    assert set(sol.extra["loads_outside_band"]) == set(lp.names[below | above])
+    assert sol.extra["load_regimes_settled"] and sol.extra["load_regime_rounds"] >= 2
+    assert _vmag_error(sol, radial_network(narrow), pf).max() <= 1e-6
+    assert _vmag_error(solve_nlp(prob, regime_rounds=1), radial_network(narrow), pf).max() > 1e-4

@@ -365,7 +365,8 @@ def _loads(net: Network, pos: np.ndarray) -> pd.DataFrame:
         "element": lp.names, "node_from": f, "node_to": t,
         "vbase_from": vb(lp.node_from), "vbase_to": vb(lp.node_to),
         "s_pu": lp.s_nom / net.sbase, "v_nom": lp.v_nom, "model": lp.model,
-        "exp_p": lp.exponents[:, 0], "exp_q": lp.exponents[:, 1], "scalable": lp.scalable})
+        "exp_p": lp.exponents[:, 0], "exp_q": lp.exponents[:, 1], "scalable": lp.scalable,
+        "vmin": lp.vmin, "vmax": lp.vmax, "vlow": lp.vlow})
     for k, name in enumerate(["zp", "ip", "pp", "zq", "iq", "pq"]):
         df[name] = lp.zipv[:, k]
     return df[keep].reset_index(drop=True)

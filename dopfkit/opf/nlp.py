@@ -21,9 +21,14 @@ draws ``S_l = P_l F^p_l(x) + j Q_l F^q_l(x)``, ``x = (g_f / v_l)^2 |V_f|^2``; a 
 nodes' voltage bases, ``v_l``: the pair's rated voltage, both in volts). OpenDSS's voltage laws are
 exact functions of the squared pair voltage: ``F(x) = x^(e/2)`` for models 1-5 (exponent ``e``: 0
 constant power, 1 constant current, 2 constant impedance, model 4's CVR factors) and
-``F(x) = z x + i sqrt(x) + p`` for ZIP (model 8). (OpenDSS's switch to an impedance outside
-``vminpu..vmaxpu`` of a load is not modelled: keep the OPF's band inside the loads'; a solution lists
-the loads that left their band in ``extra["loads_outside_band"]``.)
+``F(x) = z x + i sqrt(x) + p`` for ZIP (model 8). Outside a load's ``vminpu..vmaxpu`` band OpenDSS
+(and the exact power flow) turn it into an impedance, and below ``vminpu`` blend it towards the
+nominal admittance at ``vlowpu`` (:mod:`dopfkit.powerflow.loads`); in ``v = sqrt(x)`` every regime is
+again a polynomial (:func:`_regime_terms`). The regime is a discrete choice, so :func:`solve_nlp`
+finds it by an active-set loop: solve with every load in its band, give each load the regime its
+voltage fell in, re-solve from that point, until no load changes regime (``extra["load_regime_rounds"]``;
+the loads left outside their band are in ``extra["loads_outside_band"]``). Like any active-set
+heuristic on a nonconvex model it finds a consistent local solution, not the best choice of regimes.
 
 Objectives (per unit, minimized): ``substation_power`` = sum Re(s_root) with
 ``s_root = -V_root conj(X_root)``; ``losses`` = sum over the feeder's series elements (lines,
@@ -111,20 +116,59 @@ def _law(x, terms) -> object:
     return out
 
 
-def _load_laws(ld) -> list[tuple[list, list]]:
-    """(terms of P, terms of Q) per load pair: [(coefficient, exponent), ...]."""
-    out = []
-    for row in ld.itertuples():
-        if row.model == 8:
-            out.append(([(row.zp, 2), (row.ip, 1), (row.pp, 0)], [(row.zq, 2), (row.iq, 1), (row.pq, 0)]))
-        else:
-            out.append(([(1.0, row.exp_p)], [(1.0, row.exp_q)]))
-    return out
+BAND, ABOVE, BELOW, LOW = "band", "above", "below", "low"     # a load's regime (OpenDSS's names)
+MAX_REGIME_ROUNDS = 6
+Z_MODEL, I_MODEL, ZIP_MODEL = 2, 5, 8
 
 
-def build_nlp(problem: OPFProblem, elastic: bool = False) -> pyo.ConcreteModel:
+def _load_laws(ld, regimes=None) -> list[tuple[list, list]]:
+    """(terms of P, terms of Q) per load pair: [(coefficient, exponent of v), ...]; ``regimes``
+    (one per pair, default all ``"band"``) picks OpenDSS's law inside or outside the band."""
+    regimes = [BAND] * len(ld) if regimes is None else regimes
+    return [_regime_terms(row, regime) for row, regime in zip(ld.itertuples(), regimes)]
+
+
+def _regime_terms(row, regime: str) -> tuple[list, list]:
+    """S / S_nom as sum c v^e in each regime, ``v`` = pair voltage / rated. Outside the band a load
+    draws ``i = y_eq u f(v)`` (dopfkit.powerflow.loads), so ``S = v^2 f(v)``: above ``vmax``
+    ``f = 1/vmax^2`` (``1/vmax`` for constant current); between ``vlow`` and ``vmin`` the current's
+    magnitude is linear in ``v``, ``v f = vlow + slope (v - vlow)``; below ``vlow``, ``f = 1``."""
+    if row.model == ZIP_MODEL:
+        if regime == BAND:
+            return [(row.zp, 2), (row.ip, 1), (row.pp, 0)], [(row.zq, 2), (row.iq, 1), (row.pq, 0)]
+        # Z share unchanged; the P share behaves like model 1, the I share like model 5
+        power, current = _outside(row, regime, const_i=False), _outside(row, regime, const_i=True)
+        return ([(row.zp, 2)] + [(row.pp * c, e) for c, e in power] + [(row.ip * c, e) for c, e in current],
+                [(row.zq, 2)] + [(row.pq * c, e) for c, e in power] + [(row.iq * c, e) for c, e in current])
+    if regime == BAND or row.model == Z_MODEL:
+        return [(1.0, row.exp_p)], [(1.0, row.exp_q)]
+    terms = _outside(row, regime, const_i=row.model == I_MODEL)
+    return terms, terms
+
+
+def _outside(row, regime: str, const_i: bool) -> list:
+    if regime == ABOVE:
+        return [(1 / row.vmax if const_i else 1 / row.vmax ** 2, 2)]
+    if regime == LOW:
+        return [(1.0, 2)]
+    slope = ((1.0 if const_i else 1 / row.vmin) - row.vlow) / (row.vmin - row.vlow)
+    return [(slope, 2), (row.vlow * (1 - slope), 1)]                # v (vlow + slope (v - vlow))
+
+
+def load_regimes(radial: RadialNetwork, V: np.ndarray) -> np.ndarray:
+    """The regime of every load pair at node voltages ``V`` (radial numbering), as OpenDSS picks it."""
+    ld = radial.loads
+    f, t = ld["node_from"].to_numpy(int), ld["node_to"].to_numpy(int)
+    w = ld["vbase_from"].to_numpy() * V[f] - np.where(t >= 0, ld["vbase_to"].to_numpy() * V[np.maximum(t, 0)], 0)
+    v = np.abs(w) / ld["v_nom"].to_numpy()
+    regime = np.select([v <= ld["vlow"], v <= ld["vmin"], v > ld["vmax"]], [LOW, BELOW, ABOVE], BAND)
+    return np.where(ld["model"].to_numpy() == Z_MODEL, BAND, regime).astype(object)
+
+
+def build_nlp(problem: OPFProblem, elastic: bool = False, regimes=None) -> pyo.ConcreteModel:
     """The Pyomo model of ``problem`` (not solved). ``elastic=True`` adds nonnegative slacks to the
-    families in :data:`ELASTIC`, penalized in the objective, for diagnosing infeasibility."""
+    families in :data:`ELASTIC`, penalized in the objective, for diagnosing infeasibility;
+    ``regimes``: each load pair's regime (:func:`load_regimes`; default: all in their band)."""
     radial = problem.radial
     st = _structure(radial)
     n, nonroot, roots = radial.n, st.nonroot, radial.root
@@ -147,6 +191,7 @@ def build_nlp(problem: OPFProblem, elastic: bool = False) -> pyo.ConcreteModel:
     xr_v, xi_v = _complex_rows(st.B_V, m.Vr, m.Vi, range(n))
     m.Xr = pyo.Expression(m.nodes, rule=lambda m, k: xr_i[k] + xr_v[k])
     m.Xi = pyo.Expression(m.nodes, rule=lambda m, k: xi_i[k] + xi_v[k])
+    m._regimes = regimes
     load_p, load_q = _loads(m, radial, problem.load_scale)
     der_p, der_q = _der_at_nodes(m, problem)
     m.power_balance = pyo.Constraint(m.nonroot, ["p", "q"], rule=lambda m, k, part: (
@@ -190,7 +235,7 @@ def _loads(m, radial: RadialNetwork, load_scale: float) -> tuple[dict, dict]:
     f, t = ld["node_from"].to_numpy(int), ld["node_to"].to_numpy(int)
     a = ld["vbase_from"].to_numpy(float) / ld["v_nom"].to_numpy(float)
     b = ld["vbase_to"].to_numpy(float) / ld["v_nom"].to_numpy(float)
-    laws = _load_laws(ld)
+    laws = _load_laws(ld, m._regimes)
     P = {k: [] for k in m.nonroot}
     Q = {k: [] for k in m.nonroot}
     for j in np.flatnonzero(t < 0):                       # wye to ground: power is a function of |V_f|
@@ -275,7 +320,7 @@ def _set_point(m, problem: OPFProblem, V: np.ndarray) -> None:
         m.Vr[k].set_value(V[k].real), m.Vi[k].set_value(V[k].imag)
     ld = radial.loads
     s = ld["s_pu"].to_numpy(complex) * np.where(ld["scalable"].to_numpy(bool), problem.load_scale, 1.0)
-    laws = _load_laws(ld)
+    laws = _load_laws(ld, m._regimes)
     for j in m.pairs:
         f, t = ld["node_from"].iloc[j], ld["node_to"].iloc[j]
         w = (ld["vbase_from"].iloc[j] * V[f] - ld["vbase_to"].iloc[j] * V[t]) / ld["v_nom"].iloc[j]
@@ -312,20 +357,36 @@ def _run_ipopt(m, solver: str, tol: float, options: dict):
 
 
 def solve_nlp(problem: OPFProblem, solver: str = "ipopt", tol: float = 1e-8, warm_start: bool = True,
-              **options) -> FormulationSolution:
+              regime_rounds: int = MAX_REGIME_ROUNDS, **options) -> FormulationSolution:
     """Solve the exact branch-flow OPF. Options go to Ipopt (``max_iter=...``, ``print_level=5``).
+    ``regime_rounds``: most solves of the loads' regime loop (1: every load kept on its band law).
 
     Raises :class:`OPFInfeasibleError` (naming the constraint family an elastic re-solve had to
     relax) when Ipopt does not reach an optimum.
     """
-    t0 = time.perf_counter()
-    m = build_nlp(problem)
-    initialize(m, problem, warm_start)
-    build_time = time.perf_counter() - t0
-    tc, message, iters, solve_time, plugin = _run_ipopt(m, solver, tol, options)
-    if tc not in _OK:
-        raise _diagnose(problem, solver, tol, options, warm_start, message)
-    return _solution(m, problem, build_time, solve_time, plugin, iters, message)
+    regimes = np.full(len(problem.radial.loads), BAND, dtype=object)
+    V, build_time, solve_time, iters = None, 0.0, 0.0, None
+    for rounds in range(1, regime_rounds + 1):           # active set over the loads' regimes
+        t0 = time.perf_counter()
+        m = build_nlp(problem, regimes=regimes)
+        if V is None:
+            initialize(m, problem, warm_start)
+        else:
+            _set_point(m, problem, V)                    # from the previous round's solution
+        build_time += time.perf_counter() - t0
+        tc, message, it, seconds, plugin = _run_ipopt(m, solver, tol, options)
+        solve_time, iters = solve_time + seconds, it if iters is None else iters + (it or 0)
+        if tc not in _OK:
+            raise _diagnose(problem, solver, tol, options, warm_start, message, regimes)
+        V = _values(m, problem)[0]
+        found = load_regimes(problem.radial, V)
+        settled = np.array_equal(found, regimes)
+        if settled:
+            break
+        regimes = found
+    sol = _solution(m, problem, build_time, solve_time, plugin, iters, message)
+    sol.extra.update(load_regime_rounds=rounds, load_regimes_settled=settled)
+    return sol
 
 
 def _values(m, problem: OPFProblem) -> tuple[np.ndarray, np.ndarray]:
@@ -354,16 +415,10 @@ def _solution(m, problem, build_time, solve_time, plugin, iters, message) -> For
 
 
 def _loads_outside_band(radial: RadialNetwork, V: np.ndarray) -> list[str]:
-    """Loads whose pair voltage left OpenDSS's vminpu..vmaxpu band: there OpenDSS (and the exact
-    power flow) turn them into impedances, which the NLP does not model."""
-    net = radial.network
-    on = radial.net_index >= 0
-    v_net = np.zeros(net.n, complex)
-    v_net[radial.net_index[on]] = V[on]
-    lp = net.loads
-    u = np.abs(lp.M @ v_net) / lp.v_nom
-    out = (lp.s_nom != 0) & ((u < lp.vmin) | (u > lp.vmax)) & (lp.model != 2)   # model 2 has no band
-    return list(dict.fromkeys(map(str, lp.names[out])))
+    """Loads with a pair outside OpenDSS's vminpu..vmaxpu band at ``V`` (one name per load)."""
+    ld = radial.loads
+    out = (load_regimes(radial, V) != BAND) & (ld["s_pu"].to_numpy() != 0)
+    return list(dict.fromkeys(map(str, ld["element"][out])))
 
 
 # ------------------------------------------------------------------------------------- diagnosis
@@ -374,10 +429,10 @@ _MEANING = {
 }
 
 
-def _diagnose(problem: OPFProblem, solver, tol, options, warm_start, message) -> Exception:
+def _diagnose(problem: OPFProblem, solver, tol, options, warm_start, message, regimes=None) -> Exception:
     """Re-solve with slacks on the limit families; name the family that needed them."""
     radial, name = problem.radial, problem.network.name
-    m = build_nlp(problem, elastic=True)
+    m = build_nlp(problem, elastic=True, regimes=regimes)
     initialize(m, problem, warm_start)
     tc, msg2, *_ = _run_ipopt(m, solver, tol, {"max_iter": 500, **options})   # bounded diagnosis
     head = (f"NLP OPF on {name} ({problem.objective}, vmin={problem.vmin}, vmax={problem.vmax}): "
