@@ -9,8 +9,8 @@ to the order of floating-point summation.
 Parts follow the feeder (:func:`tree_order`): the subsystems are ordered depth-first along the
 feeder tree from the source, heaviest branch last, and the order is cut into ``N`` contiguous chunks of
 nearly equal work. Such a range is a connected piece of the feeder plus whole subtrees, so only the
-columns at the cuts (a voltage, a flow) have copies on two ranks: 21 of 29742 columns on IEEE 8500
-with 2 ranks, 57 with 4 (cutting the subsystem numbering instead shares about 20000). With
+columns at the cuts (a voltage, a flow) have copies on two ranks: 24 of 27902 columns on IEEE 8500
+with 2 ranks, 58 with 4 (cutting the subsystem numbering instead shares about 20000). With
 ``exchange="shared"`` only those columns are reduced; a column held by one rank needs no
 communication at all (``exchange="full"`` reduces the whole vector, the simplest correct version).
 
