@@ -162,11 +162,12 @@ def main(argv=None) -> dict:
     for name in args.feeders:
         print(f"{name} ...", flush=True)
         results["feeders"][name] = r = bench_feeder(name, not args.no_mpi)
-        best = min([*r["numpy_anderson"].values(), *r["numpy_halpern"].values()],
-                   key=lambda a: a["iterations"])
+        good = [a for a in (*r["numpy_anderson"].values(), *r["numpy_halpern"].values())
+                if a["converged"] and a["gap_rel"] <= 1e-4 and a["violation"] <= 1e-4]
+        best = min((a["iterations"] for a in good), default="none within 1e-4 of HiGHS")
         print(f"  paper's ADMM {r['numpy_paper']['iterations']} iterations "
-              f"({r['numpy_paper']['per_iteration_ms']['iteration']:.3f} ms each); accelerated "
-              f"{best['iterations']}; paper reported {PAPER[name]['iterations']}", flush=True)
+              f"({r['numpy_paper']['per_iteration_ms']['iteration']:.3f} ms each); best accelerated "
+              f"run within 1e-4 of HiGHS {best}; paper reported {PAPER[name]['iterations']}", flush=True)
     write_results(results, args.out)
     return results
 
