@@ -210,15 +210,19 @@ IPM_ABOVE = 5000      # columns beyond which HiGHS's IPM is used instead of its 
 POLYGON_SIDES = 16    # inverter circle |p + jq| <= s as an inscribed 16-gon: at most 2% conservative
 
 
-def capability_polygon(sides: int = POLYGON_SIDES):
+def capability_polygon(sides: int = POLYGON_SIDES, generator: bool = False):
     """Faces ``cos(th_k) p + sin(th_k) q <= S * shrink`` of the regular ``sides``-gon inscribed in the
     inverter's circle, ``th_k = (2k + 1) pi / sides``. A multiple of 4 puts vertices at (S, 0) and
-    (0, +-S): full active power at unity power factor, full reactive power at p = 0. For a generator
-    (p >= 0, |q| <= S as bounds) only the faces with ``cos > 0`` bind; returns ``(cos, sin, shrink)``."""
+    (0, +-S): full active power at unity power factor, full reactive power at p = 0. ``generator``:
+    p >= 0 and |q| <= S are bounds, so only the faces with ``cos > 0`` can bind (half the rows).
+    Returns ``(cos, sin, shrink)``."""
     if sides < 4 or sides % 4:
         raise ValueError(f"polygon_sides must be a multiple of 4 (>= 4), got {sides}")
     th = (2 * np.arange(sides) + 1) * np.pi / sides
-    return np.cos(th), np.sin(th), np.cos(np.pi / sides)
+    cos, sin = np.cos(th), np.sin(th)
+    if generator:
+        cos, sin = cos[cos > 0], sin[cos > 0]
+    return cos, sin, np.cos(np.pi / sides)
 
 
 def lindist3flow_lp(problem, blocks: LinDist3FlowBlocks | None = None):
@@ -232,9 +236,7 @@ def lindist3flow_lp(problem, blocks: LinDist3FlowBlocks | None = None):
     from dopfkit.opf.standard_form import StandardFormLP
     b_ = blocks or lindist3flow_blocks(problem.radial)
     r, ders = b_.radial, problem.ders
-    cos, sin, shrink = capability_polygon()
-    faces = cos > 0                         # p_der >= 0: the faces facing p < 0 cannot bind
-    cos, sin = cos[faces], sin[faces]
+    cos, sin, shrink = capability_polygon(generator=True)
     n, nf, nr, nd, K = r.n, b_.n_flows, len(r.root), len(ders), len(cos)
     H, s_const = b_.load_terms(problem.load_scale)
     fn = b_.flow_node

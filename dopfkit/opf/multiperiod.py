@@ -264,18 +264,18 @@ def _clean(M: sp.spmatrix) -> sp.csr_matrix:
 
 def _capability_rows(lay: _Layout, ders, storage, sides):
     """Polygon rows of one step: a (rows x m) matrix and its upper bounds."""
-    cos, sin, shrink = capability_polygon(sides)
     blocks, ub = [], []
-    # a DER's p >= 0 makes the faces facing p < 0 redundant (the vertices (0, +-S) bound q): half the rows
-    for (p_cols, q_cols, s, faces) in (
-            ([("pd", 1.0)], "qd", ders["s_rated"].to_numpy(), cos > 0),
-            ([("pdis", 1.0), ("pc", -1.0)], "qs", storage["s_rated"].to_numpy(), cos == cos)):
+    # a DER has p >= 0 (half the polygon binds); a battery's p = p_dis - p_ch takes either sign
+    for (p_cols, q_cols, s, generator) in (
+            ([("pd", 1.0)], "qd", ders["s_rated"].to_numpy(), True),
+            ([("pdis", 1.0), ("pc", -1.0)], "qs", storage["s_rated"].to_numpy(), False)):
         if s.size == 0:
             continue
+        cos, sin, shrink = capability_polygon(sides, generator)
         P = sum(sign * lay.select(name) for name, sign in p_cols)
         Q = lay.select(q_cols)
-        blocks.append(sp.vstack([c * P + si * Q for c, si in zip(cos[faces], sin[faces])]))
-        ub.append(np.tile(s * shrink, int(faces.sum())))
+        blocks.append(sp.vstack([c * P + si * Q for c, si in zip(cos, sin)]))
+        ub.append(np.tile(s * shrink, len(cos)))
     if not blocks:
         return sp.csr_matrix((0, lay.m)), np.zeros(0)
     return sp.vstack(blocks).tocsr(), np.concatenate(ub)

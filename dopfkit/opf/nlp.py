@@ -52,6 +52,7 @@ from pyomo.opt import TerminationCondition
 from dopfkit import solvers
 from dopfkit.network.radial import RadialNetwork
 from dopfkit.opf.problem import FormulationSolution, OPFInfeasibleError, OPFProblem
+from dopfkit.powerflow.loads import I_MODEL, Z_MODEL, ZIP_MODEL
 
 ELASTIC = ("voltage_lower", "voltage_upper", "der_rating")   # families an elastic re-solve relaxes
 PENALTY = 1e4           # per unit of slack: far above any objective's per-unit scale
@@ -118,7 +119,6 @@ def _law(x, terms) -> object:
 
 BAND, ABOVE, BELOW, LOW = "band", "above", "below", "low"     # a load's regime (OpenDSS's names)
 MAX_REGIME_ROUNDS = 6
-Z_MODEL, I_MODEL, ZIP_MODEL = 2, 5, 8
 
 
 def _load_laws(ld, regimes=None) -> list[tuple[list, list]]:
