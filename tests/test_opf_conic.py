@@ -168,7 +168,9 @@ def test_sdp_two_solvers_agree(problem13, sdp13):
 
 def test_socp_is_a_lower_bound(problem13, sdp13):
     socp = conic.solve_socp(problem13)
-    assert socp.status == "optimal"
+    # the inexact SOCP's optimum is nearly degenerate: a 1e-22 change in line charging (the last bit
+    # OpenDSS computes after an Ipopt run in the same process) flips Clarabel from Solved to AlmostSolved
+    assert socp.status in ("optimal", "optimal_inaccurate")
     assert socp.objective <= sdp13.objective + 1e-7
     # on IEEE 13 the 2x2 minors are far from enough: measured ratio ~0.5 on 13 of 14 lifted branches
     assert socp.extra["n_not_rank_one"] > 0

@@ -8,6 +8,7 @@ from dopfkit import solvers
 from dopfkit.network.math_model import with_injections
 from dopfkit.network.radial import radial_network
 from dopfkit.opf.nlp import solve_nlp
+from dopfkit.opf import pv_sites, solve_opf
 from dopfkit.opf.problem import OPFInfeasibleError, OPFProblem, der_table
 
 pytestmark = pytest.mark.skipif(not solvers.available()["ipopt"], reason="ipopt is not installed")
@@ -20,7 +21,7 @@ VMAX_13 = 1.06
 
 @pytest.fixture(scope="module")
 def nets():
-    return {f: dk.load_feeder(f) for f in ("ieee13", "ieee123")}
+    return {f: dk.load_feeder(f) for f in ("ieee13", "ieee37", "ieee123")}
 
 
 def _vmag_error(sol, radial, pf):
@@ -28,18 +29,33 @@ def _vmag_error(sol, radial, pf):
     return np.abs(np.sqrt(sol.v[on]) - np.abs(pf.V[radial.net_index[on]]))
 
 
-@pytest.mark.parametrize("feeder", ["ieee13", "ieee123"])
+@pytest.mark.parametrize("feeder", ["ieee13", "ieee37", "ieee123"])
 def test_without_ders_the_nlp_is_the_exact_power_flow(nets, feeder):
+    """From a flat start (the warm start would begin at the answer). IEEE 37 is ungrounded: its
+    phase-to-ground voltages hang on the regulators' anti-float shunts (8 % zero-sequence shift),
+    which the transformers' primitives carry; IEEE 123's bus 610 has only symmetric ones, so its zero
+    sequence is exactly zero, which the pinned pseudo-inverse gives."""
     net = nets[feeder]
     r = radial_network(net)
     prob = OPFProblem(net, der_table(net, [], 1.0), objective="substation_power", vmin=0.8, vmax=1.2)
-    sol = solve_nlp(prob)
+    sol = solve_nlp(prob, warm_start=False)
     pf = dk.solve_powerflow(net)
-    assert sol.status == "optimal" and sol.iterations is not None
-    # every node, IEEE 123's floating delta secondary (610) included: no load there, so the
-    # zero-sequence voltage the branch-flow view leaves out is the one the power flow finds
-    assert _vmag_error(sol, r, pf).max() <= 1e-6
+    assert sol.status == "optimal" and sol.iterations > 0
+    assert _vmag_error(sol, r, pf).max() <= 1e-6          # measured 7e-10, 2e-8, 7e-8
     assert sol.objective == pytest.approx(sol.s_root.real.sum(), rel=1e-9)
+
+
+def test_line_to_line_ders_on_an_ungrounded_feeder(nets):
+    """IEEE 37's PV sits across its delta loads' pairs; the NLP's optimum, pushed through the exact
+    power flow as line-to-line injections, is the same operating point."""
+    net = nets["ieee37"]
+    ders = pv_sites(net)
+    assert (ders["node_to"] >= 0).all() and ders["node_name"].str.count(r"\.").eq(2).all()
+    res = solve_opf(net, formulation="nlp", objective="substation_power", ders=ders, vmin=0.9, vmax=1.1)
+    assert res.check["max_ground_error_pu"] <= 1e-6                     # measured 1.6e-8
+    assert res.check["substation_kw_model"] == pytest.approx(res.check["substation_kw_exact"], abs=1e-3)
+    assert res.check["floating_nodes"] == 114
+    assert res.setpoints["p_kw"].sum() > 300                            # the PV is used (357 kW)
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,24 @@ def test_batch_matches_opendss_load_multipliers(feeder):
         assert np.abs(batch.V[:, k] - ref.to_numpy()).max() <= ACCEPTANCE
 
 
+def test_line_to_line_injection_matches_an_opendss_delta_generator():
+    """``with_injections`` at "701.1.2" (IEEE 37, ungrounded): the same power as a delta-connected
+    constant-power element in OpenDSS (a negative load, modelled as a generator would be)."""
+    from dopfkit.network.math_model import with_injections
+    net = dk.load_feeder("ieee37")
+    s_kva = np.array([150 + 40j, 80 - 30j])
+    ours = dk.solve_powerflow(with_injections(net, ["701.1.2", "730.2.3"], s_kva * 1e3 / net.sbase))
+    dk.load_feeder("ieee37")                                # OpenDSS: same snapshot, taps frozen
+    for name, bus, s in (("a", "701.1.2", s_kva[0]), ("b", "730.2.3", s_kva[1])):
+        dss.Text.Command(f"New Load.inj_{name} bus1={bus} phases=1 conn=delta kV=4.8 kW={-s.real} "
+                         f"kvar={-s.imag} model=1 vminpu=0.5 vmaxpu=2")
+    dss.Text.Command("Set tolerance=1e-10")
+    dss.Text.Command("Solve")
+    ref = current_voltages().reindex(net.nodes) / net.vbase
+    assert np.abs(ours.V - ref.to_numpy()).max() <= ACCEPTANCE
+    assert np.abs(ours.V - dk.solve_powerflow(net).V).max() > 1e-3     # the injections matter
+
+
 def test_batch_columns_equal_single_solves():
     net = dk.load_feeder("ieee13")
     scales = np.random.default_rng(7).uniform(0.3, 1.3, size=(len(net.feeder.loads), 4))

@@ -253,21 +253,29 @@ def _drop_isolated_loads(feeder: Feeder, loads: LoadPairs, energized: np.ndarray
 
 def with_injections(net: Network, nodes, s_pu, names=None) -> Network:
     """A copy of ``net`` with constant-power injections ``s_pu`` (per unit, generator convention)
-    at the given OpenDSS nodes, wye to ground: how OPF set-points are pushed back through the exact
-    power flow. The feeder data and its import report are shared, not copied."""
+    at the given OpenDSS nodes: ``"675.1"`` wye to ground, ``"701.1.2"`` line to line. This is how OPF
+    set-points are pushed back through the exact power flow. The feeder data and its import report
+    are shared, not copied."""
     import dataclasses
-    idx = net.nodes.get_indexer(list(nodes))
-    if (idx < 0).any():
-        raise KeyError(f"nodes not in {net.name}: {[x for x, i in zip(nodes, idx) if i < 0]}")
+    nodes = [str(x) for x in nodes]
+    bus_end = [x.rsplit(".", 2) if x.count(".") >= 2 else [x] for x in nodes]
+    idx = net.nodes.get_indexer([x if len(p) == 1 else f"{p[0]}.{p[1]}" for x, p in zip(nodes, bus_end)])
+    to = np.array([net.nodes.get_indexer([f"{p[0]}.{p[2]}"])[0] if len(p) == 3 else -2 for p in bus_end])
+    if (idx < 0).any() or (to == -1).any():
+        raise KeyError(f"nodes not in {net.name}: {[x for x, i, t in zip(nodes, idx, to) if i < 0 or t == -1]}")
+    to[to == -2] = GROUND
     s = -np.asarray(s_pu, complex) * net.sbase            # loads draw; injections draw negative power
     m, lp = len(idx), net.loads
-    extra = sp.csr_matrix((net.vbase[idx], (np.arange(m), idx)), shape=(m, net.n))
+    pair = to >= 0
+    extra = sp.csr_matrix((np.r_[net.vbase[idx], -net.vbase[to[pair]]],
+                           (np.r_[np.arange(m), np.flatnonzero(pair)], np.r_[idx, to[pair]])), shape=(m, net.n))
+    v_nom = net.vbase[idx] * np.where(pair, np.sqrt(3), 1.0)    # regime band below is wide: rough is enough
     names = np.asarray(names if names is not None else [f"injection.{x}" for x in nodes])
     cat = lambda a, b: np.concatenate([a, b])  # noqa: E731
     loads = LoadPairs(
         names=cat(lp.names, names), element=cat(lp.element, lp.element.max(initial=-1) + 1 + np.arange(m)),
-        node_from=cat(lp.node_from, idx), node_to=cat(lp.node_to, np.full(m, GROUND)),
-        M=sp.vstack([lp.M, extra]).tocsr(), s_nom=cat(lp.s_nom, s), v_nom=cat(lp.v_nom, net.vbase[idx]),
+        node_from=cat(lp.node_from, idx), node_to=cat(lp.node_to, to),
+        M=sp.vstack([lp.M, extra]).tocsr(), s_nom=cat(lp.s_nom, s), v_nom=cat(lp.v_nom, v_nom),
         model=cat(lp.model, np.ones(m, int)), vmin=cat(lp.vmin, np.full(m, 0.5)),   # constant power
         vmax=cat(lp.vmax, np.full(m, 2.0)), vlow=cat(lp.vlow, np.full(m, 0.25)),      # well beyond
 

@@ -48,6 +48,7 @@ class RadialBranch:
     N: np.ndarray             # (child x parent) ideal map, V_j = N V_i - Z I_j
     Z: np.ndarray             # (child x child) series impedance, per unit
     Y: np.ndarray | None = None   # per-unit primitive on [parent, child] nodes (two-port branches)
+    floating: bool = False        # child side has no zero-sequence path (Z, N from a pseudo-inverse)
 
 
 @dataclass
@@ -77,6 +78,16 @@ class RadialNetwork:
         for br in self.branches:                         # branches are in breadth-first order
             flag[br.child] = br.name in approx or flag[br.parent].any()
         return flag
+
+    def floating_island(self) -> np.ndarray:
+        """Per node, the floating-secondary branch whose island (the nodes it feeds, through lines and
+        ungrounded banks such as IEEE 37's open-delta regulators, down to the next transformer that
+        grounds its secondary) the node is in; -1 on grounded nodes."""
+        island = np.full(self.n, -1)
+        for b, br in enumerate(self.branches):           # breadth-first: parents come first
+            grounds = br.Y is not None and _grounds_child(br)
+            island[br.child] = b if br.floating else -1 if grounds else island[br.parent[0]]
+        return island
 
     def __repr__(self) -> str:
         return (f"RadialNetwork({self.network.name!r}: {self.n} nodes, {len(self.branches)} branches, "
@@ -298,10 +309,19 @@ def _two_port(name, kind, nodes, n_parent, y, approx=None) -> RadialBranch:
     """N and Z of ``V_j = N V_i - Z I_j`` from a per-unit primitive on [parent, child] nodes."""
     C, D = y[n_parent:, :n_parent], y[n_parent:, n_parent:]
     sv = np.linalg.svd(D, compute_uv=False)
-    if sv[-1] < PINV_RCOND * sv[0] and approx is not None:
+    floating = bool(sv[-1] < PINV_RCOND * sv[0])
+    if floating and approx is not None:
         approx.append((name, "floating secondary: zero sequence left out (pseudo-inverse)"))
     Z = np.linalg.pinv(D, rcond=PINV_RCOND)
-    return RadialBranch(name, kind, nodes[:n_parent], nodes[n_parent:], -Z @ C, Z, y)
+    return RadialBranch(name, kind, nodes[:n_parent], nodes[n_parent:], -Z @ C, Z, y, floating)
+
+
+def _grounds_child(br: RadialBranch) -> bool:
+    """Whether the two-port passes current from its child terminals to ground (a grounded wye or
+    split-phase winding), beyond the 1 ppm anti-float shunts: the child rows of its primitive do not
+    sum to zero."""
+    m = len(br.parent)
+    return bool(np.abs(br.Y[m:].sum(axis=1)).max() > 1e-3 * np.abs(br.Y[m:]).max())
 
 
 def _reverse(br: RadialBranch) -> RadialBranch:

@@ -81,7 +81,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from dopfkit.network.radial import RadialBranch, RadialNetwork
-from dopfkit.opf.problem import FormulationSolution, OPFInfeasibleError, OPFProblem
+from dopfkit.opf.problem import FormulationSolution, OPFInfeasibleError, OPFProblem, der_injection_map
 
 RANK_TOL = 1e-5        # second / first eigenvalue of M_b below this: numerically rank one
 IDEAL_Z = 1e-6         # pu: a closed switch (OpenDSS gives it ~1e-8 pu) is modelled as ideal
@@ -148,6 +148,7 @@ class ConicMaps:
     w_pairs_kk: sp.csr_matrix   # their W_kk and W_ll (real)
     w_pairs_ll: sp.csr_matrix
     no_current: sp.csr_matrix   # (real rows) = 0: no current along null(Z) (floating secondaries)
+    share_phasors: np.ndarray | None = None   # where delta pairs (loads, DERs) split their power
 
     @property
     def nx(self) -> int:
@@ -197,7 +198,7 @@ def conic_maps(radial: RadialNetwork, load_scale: float = 1.0,
         load_const=load_const + sh_const + ld_fixed, w_diag=times_B(w_diag), w_fixed=w_fixed.real,
         parent_re=times_B(p_re).real, parent_im=times_B(p_im).imag, parent_re_rhs=r_re,
         parent_im_rhs=r_im, w_pairs=times_B(w_kl), w_pairs_kk=times_B(w_kk).real,
-        w_pairs_ll=times_B(w_ll).real, no_current=_null_current(lifts, B))
+        w_pairs_ll=times_B(w_ll).real, no_current=_null_current(lifts, B), share_phasors=V_share)
 
 
 def _hermitian_basis(m: int) -> sp.csr_matrix:
@@ -451,10 +452,10 @@ def _build(cp, problem: OPFProblem, maps: ConicMaps, relaxation: str, elastic: b
     x = cp.Variable(maps.nx, name="M")
     bal = (maps.deliver - maps.drawn - maps.shunt - maps.load)[free]
     inj_p, inj_q, cons = 0, 0, []
-    if nd:                                                   # DER phases inject p + jq at their node
+    if nd:                                                   # DER phases inject p + jq at their node(s)
         p, q = cp.Variable(nd, name="p_der"), cp.Variable(nd, name="q_der")
-        D = sp.csr_matrix((np.ones(nd), (ders["node"].to_numpy(), np.arange(nd))), shape=(n, nd))[free]
-        inj_p, inj_q = D @ p, D @ q
+        D = der_injection_map(r, ders, maps.share_phasors)[free]     # complex for line-to-line DERs
+        inj_p, inj_q = D.real @ p - D.imag @ q, D.imag @ p + D.real @ q
         cons += [p >= 0, p <= ders["p_avail"].to_numpy(),
                  cp.SOC(ders["s_rated"].to_numpy(), cp.vstack([p, q]), axis=0)]
     else:

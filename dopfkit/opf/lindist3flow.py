@@ -31,6 +31,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from dopfkit.network.radial import RadialNetwork
+from dopfkit.opf.problem import der_injection_map
 
 
 @dataclass
@@ -66,7 +67,7 @@ def lindist3flow_blocks(radial: RadialNetwork) -> LinDist3FlowBlocks:
     flow_node = np.setdiff1d(np.arange(n), radial.root)
     flow_of = np.full(n, -1)
     flow_of[flow_node] = np.arange(len(flow_node))
-    W, C, T = _Triplets(), _Triplets(), _Triplets()
+    W, C, T = BlockTriplets(), BlockTriplets(), BlockTriplets()
     for br in radial.branches:
         ai, aj = alpha[br.parent], alpha[br.child]
         x = br.N @ ai
@@ -83,7 +84,7 @@ def lindist3flow_blocks(radial: RadialNetwork) -> LinDist3FlowBlocks:
         H_scalable=H_scal, s_const_scalable=s_scal)
 
 
-class _Triplets:
+class BlockTriplets:
     """Collect dense blocks at (rows, cols) and assemble one sparse matrix at the end."""
 
     def __init__(self):
@@ -242,14 +243,14 @@ def lindist3flow_lp(problem, blocks: LinDist3FlowBlocks | None = None):
     fn = b_.flow_node
     E = sp.csr_matrix((np.ones(nf), (fn, np.arange(nf))), shape=(n, nf))
     R = sp.csr_matrix((np.ones(nr), (r.root, np.arange(nr))), shape=(n, nr))
-    D = sp.csr_matrix((np.ones(nd), (ders["node"].to_numpy(), np.arange(nd))), shape=(n, nd))
+    D = der_injection_map(r, ders)                      # complex: a delta DER's p and q mix
     Tr, Ti, Cr, Ci = b_.T.real, b_.T.imag, b_.C.real, b_.C.imag
     poly_p = sp.kron(sp.eye(nd), cos[:, None])
     poly_q = sp.kron(sp.eye(nd), sin[:, None])
     Z = lambda rows, cols: sp.csr_matrix((rows, cols))  # noqa: E731
     A = sp.bmat([
-        [-H.real, E - Tr, Ti, R, Z(n, nr), D, Z(n, nd), Z(n, nd * K)],
-        [-H.imag, -Ti, E - Tr, Z(n, nr), R, Z(n, nd), D, Z(n, nd * K)],
+        [-H.real, E - Tr, Ti, R, Z(n, nr), D.real, -D.imag, Z(n, nd * K)],
+        [-H.imag, -Ti, E - Tr, Z(n, nr), R, D.imag, D.real, Z(n, nd * K)],
         [E.T - b_.W, 2 * Cr, -2 * Ci, Z(nf, nr), Z(nf, nr), Z(nf, nd), Z(nf, nd), Z(nf, nd * K)],
         [Z(nd * K, n), Z(nd * K, nf), Z(nd * K, nf), Z(nd * K, nr), Z(nd * K, nr), poly_p, poly_q,
          sp.eye(nd * K)]], format="csr")

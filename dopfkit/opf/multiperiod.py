@@ -56,7 +56,7 @@ import scipy.sparse as sp
 from dopfkit.network.math_model import Network
 from dopfkit.network.radial import RadialNetwork, radial_network
 from dopfkit.opf.lindist3flow import LinDist3FlowBlocks, capability_polygon, lindist3flow_blocks
-from dopfkit.opf.problem import OPFInfeasibleError
+from dopfkit.opf.problem import OPFInfeasibleError, der_ends, der_injection_map
 
 OBJECTIVES = ("substation_energy", "energy_cost", "peak_demand", "curtailment", "losses")
 
@@ -216,16 +216,16 @@ def _step_blocks(blocks: LinDist3FlowBlocks, lay: _Layout, ders, storage):
     dH, dc = (H2 - H1).tocsr(), c2 - c1                      # load terms are affine in the scale
     E = _incidence(n, fn)                                     # flow -> the node it feeds
     Tr, Ti, Cr, Ci = blocks.T.real, blocks.T.imag, blocks.C.real, blocks.C.imag
-    Gd, Gs = _incidence(n, ders["node"]), _incidence(n, storage["node"])
+    D, Gs = der_injection_map(r, ders), _incidence(n, storage["node"])   # D complex: delta DERs mix p, q
     Z = lambda r_, c_: sp.csr_matrix((r_, c_))  # noqa: E731
-    nd, ns = Gd.shape[1], Gs.shape[1]
+    nd, ns = D.shape[1], Gs.shape[1]
 
     def rows(H, keep):
         """[balance P; balance Q] rows of the given nodes, in the step's column order."""
         Hr, Hi = H.real[keep], H.imag[keep]
         K = lambda M: M[keep]  # noqa: E731
-        top = sp.hstack([-Hr, K(E - Tr), K(Ti), K(Gd), Z(len(keep), nd), -K(Gs), K(Gs), Z(len(keep), ns)])
-        bot = sp.hstack([-Hi, -K(Ti), K(E - Tr), Z(len(keep), nd), K(Gd), Z(len(keep), ns), Z(len(keep), ns),
+        top = sp.hstack([-Hr, K(E - Tr), K(Ti), K(D.real), -K(D.imag), -K(Gs), K(Gs), Z(len(keep), ns)])
+        bot = sp.hstack([-Hi, -K(Ti), K(E - Tr), K(D.imag), K(D.real), Z(len(keep), ns), Z(len(keep), ns),
                          K(Gs)])
         return top.tocsr(), bot.tocsr()
 
@@ -345,7 +345,8 @@ def solve_multiperiod(net: Network, ders: pd.DataFrame | None, storage: pd.DataF
     T = shape.size
     radial = radial_network(net)
     blocks = lindist3flow_blocks(radial)
-    ders = ders if ders is not None else pd.DataFrame({"name": [], "node": np.zeros(0, int), "node_name": [],
+    ders = ders if ders is not None else pd.DataFrame({"name": [], "node": np.zeros(0, int),
+                                                      "node_to": np.zeros(0, int), "node_name": [],
                                                       "s_rated": [], "p_avail": []})
     storage = storage if storage is not None else pd.DataFrame({c: [] for c in _EMPTY_STORAGE}).astype(
         {"node": int})
@@ -408,7 +409,7 @@ def _limited_nodes(r: RadialNetwork, ders, storage, limit_nodes: str) -> np.ndar
     if limit_nodes == "loads":
         limited[:] = False
         for k in (r.loads["node_from"].to_numpy(), r.loads["node_to"].to_numpy(),
-                  ders["node"].to_numpy(int), storage["node"].to_numpy(int)):
+                  *der_ends(ders), storage["node"].to_numpy(int)):
             limited[k[k >= 0]] = True
     limited[r.root] = False
     return limited

@@ -6,14 +6,17 @@ node, the current ``I_c`` the feeding branch delivers into every non-root node `
 for every load pair that is not wye to ground (delta, line to line), and the DER set-points
 ``p_g, q_g``. Every law is a named, indexed constraint family, so an infeasibility can be attributed::
 
-    branch_law[c, re|im]     V_c = N_b V_parent(b) - Z_b I_c                     (each branch b)
+    branch_law[c, re|im]     V_c = N_b V_parent(b) - Z_b I_c                     (lines)
+                             C_b V_parent(b) + D_b V_c + I_c = 0                (transformers)
     power_balance[k, p|q]    V_k conj(X_k) = S^load_k(V, J) - sum_{g at k} (p_g + j q_g)
-                             X_k = I_k - sum_{b: k in parent(b)} (N_b^H I_b)_k - (Y^sh V)_k
+                             X_k = I_k - (what child branches draw)_k - (Y^sh V)_k
+                             (a line draws N_b^H I_b, a transformer A_b V_parent + B_b V_c)
     load_pair[l, p|q]        w_l conj(J_l) = P_l F^p_l(|w_l|^2) + j Q_l F^q_l(|w_l|^2)
                              w_l = (g_f V_f - g_t V_t) / v_l
     voltage_lower[k]         |V_k|^2 >= vmin^2        (limited nodes: OPFProblem.voltage_bounds)
     voltage_upper[k]         |V_k|^2 <= vmax^2
     der_rating[g]            p_g^2 + q_g^2 <= s_g^2,   0 <= p_g <= p^avail_g  (variable bounds)
+    der_pair[g, p|q]         (V_f - V_t) conj(K_g) = p_g + j q_g    (line-to-line DERs)
 
 with the roots (the sources' EMF nodes) fixed at ``sqrt(v_root) alpha``. A wye load ``l`` at node ``f``
 draws ``S_l = P_l F^p_l(x) + j Q_l F^q_l(x)``, ``x = (g_f / v_l)^2 |V_f|^2``; a pair load draws
@@ -51,7 +54,8 @@ from pyomo.opt import TerminationCondition
 
 from dopfkit import solvers
 from dopfkit.network.radial import RadialNetwork
-from dopfkit.opf.problem import FormulationSolution, OPFInfeasibleError, OPFProblem
+from dopfkit.opf.lindist3flow import BlockTriplets
+from dopfkit.opf.problem import FormulationSolution, OPFInfeasibleError, OPFProblem, der_ends
 from dopfkit.powerflow.loads import I_MODEL, Z_MODEL, ZIP_MODEL
 
 ELASTIC = ("voltage_lower", "voltage_upper", "der_rating")   # families an elastic re-solve relaxes
@@ -65,31 +69,76 @@ class _Structure:
     """Sparse maps of the radial network in node numbering (numpy only, no Pyomo)."""
     radial: RadialNetwork
     nonroot: np.ndarray
-    A_V: sp.csr_matrix          # branch law: A_V V + Z I = 0 on non-root rows (A_V = E - N)
-    Z: sp.csr_matrix            # block diagonal series impedances, child x child
+    A_V: sp.csr_matrix          # branch law: A_V V + K_I I = 0 on non-root rows
+    K_I: sp.csr_matrix
+    Z: sp.csr_matrix            # block diagonal series impedances, child x child (for the losses)
     B_I: sp.csr_matrix          # net current into each node: X = B_I I + B_V V
     B_V: sp.csr_matrix
     lossy: np.ndarray           # non-root nodes fed by a series element (not the source)
 
 
-def _structure(radial: RadialNetwork) -> _Structure:
+def _structure(radial: RadialNetwork, pinned=()) -> _Structure:
+    """Every branch's law on its child rows, and what it draws from its parent's nodes. A line and the
+    source impedance are ``V_c = N V_p - Z I_c`` and draw ``N^H I_c``. A transformer is written with
+    its two-port primitive ``[[A, B], [C, D]]`` (parent, child): ``C V_p + D V_c + I_c = 0``, drawing
+    ``A V_p + B V_c``. That is exact for every winding connection, anti-float shunts included.
+
+    On a floating secondary (ungrounded delta) the primitive also sets the island's zero-sequence
+    voltage, as OpenDSS does, from the island's admittance to ground; on IEEE 37 the regulators'
+    anti-float shunts, doubled on the phase both share, shift it by 8 %. Where that admittance is the
+    same on every phase of every bus, the zero sequence is exactly zero, but the primitive leaves it
+    hanging on 1 ppm shunts, beyond Ipopt's tolerance (IEEE 123's bus 610: 1e-3 pu off from a cold
+    start). Those branches (``pinned``, from :func:`_pinned_islands`) keep radial.py's pseudo-inverse
+    ``V_c = N V_p - Z I_c``, which pins it to zero, and draw ``(A + B N) V_p - B Z I_c``."""
     n = radial.n
-    rows, cols, vals, zr, zc, zv = [], [], [], [], [], []
-    for br in radial.branches:
-        r, c = np.meshgrid(br.child, br.parent, indexing="ij")
-        rows.append(r.ravel()), cols.append(c.ravel()), vals.append(br.N.ravel())
-        r, c = np.meshgrid(br.child, br.child, indexing="ij")
-        zr.append(r.ravel()), zc.append(c.ravel()), zv.append(br.Z.ravel())
-    cat = np.concatenate
-    N = sp.csr_matrix((cat(vals), (cat(rows), cat(cols))), shape=(n, n))
-    Z = sp.csr_matrix((cat(zv), (cat(zr), cat(zc))), shape=(n, n))
+    law_v, law_i, draw_i, draw_v, Z = (BlockTriplets() for _ in range(5))
+    for b, br in enumerate(radial.branches):
+        m, eye = len(br.parent), np.eye(len(br.child))
+        Z.add(br.child, br.child, br.Z)
+        if br.Y is None or b in pinned:
+            law_v.add(br.child, br.parent, -br.N), law_v.add(br.child, br.child, eye)
+            law_i.add(br.child, br.child, br.Z)
+        else:
+            law_v.add(br.child, br.parent, br.Y[m:, :m]), law_v.add(br.child, br.child, br.Y[m:, m:])
+            law_i.add(br.child, br.child, eye)
+        if br.Y is None:
+            draw_i.add(br.parent, br.child, br.N.conj().T)
+        elif b in pinned:
+            A, B = br.Y[:m, :m], br.Y[:m, m:]
+            draw_v.add(br.parent, br.parent, A + B @ br.N), draw_i.add(br.parent, br.child, -B @ br.Z)
+        else:
+            draw_v.add(br.parent, br.parent, br.Y[:m, :m]), draw_v.add(br.parent, br.child, br.Y[:m, m:])
     nonroot = np.setdiff1d(np.arange(n), radial.root)
     E = sp.diags(np.isin(np.arange(n), nonroot).astype(complex)).tocsr()
-    source_fed = cat([br.child for br in radial.branches if br.kind == "source"])
-    for m in (N, Z):
-        m.eliminate_zeros()
-    return _Structure(radial, nonroot, (E - N).tocsr(), Z, (E - N.conj().T).tocsr(),
-                      (-radial.shunt).tocsr(), np.setdiff1d(nonroot, source_fed))
+    source_fed = np.concatenate([br.child for br in radial.branches if br.kind == "source"])
+    return _Structure(radial, nonroot, law_v.matrix((n, n)), law_i.matrix((n, n)), Z.matrix((n, n)),
+                      (E - draw_i.matrix((n, n))).tocsr(), (-radial.shunt - draw_v.matrix((n, n))).tocsr(),
+                      np.setdiff1d(nonroot, source_fed))
+
+
+def _pinned_islands(problem: OPFProblem) -> set[int]:
+    """Floating secondaries whose island's zero-sequence voltage is zero: its admittance to ground
+    (row sums of the shunts and of the transformer primitives touching it) is the same on every phase
+    of each bus, no wye load or DER reaches ground in it, and no transformer inside it shifts the zero
+    sequence between its sides (IEEE 37's open-delta regulators do, by 8 %)."""
+    r = problem.radial
+    island = r.floating_island()
+    y_ground = np.asarray(r.shunt.sum(axis=1)).ravel().astype(complex)
+    for br in r.branches:
+        if br.Y is not None:
+            np.add.at(y_ground, np.r_[br.parent, br.child], br.Y.sum(axis=1))
+    ld, (f, t) = r.loads, der_ends(problem.ders)
+    wye = np.r_[ld["node_from"].to_numpy()[(ld["node_to"].to_numpy() < 0) & (ld["s_pu"].to_numpy() != 0)],
+                f[t < 0]].astype(int)
+    bus = np.asarray(r.nodes.str.rsplit(".", n=1).str[0])
+    shifted = {island[br.child[0]] for br in r.branches if br.Y is not None and not br.floating}
+    pinned = set()
+    for b in np.setdiff1d(island[island >= 0], list(shifted)):
+        mine = np.flatnonzero(island == b)
+        spread = max(np.ptp(y_ground[mine[bus[mine] == x]]) for x in np.unique(bus[mine]))
+        if spread <= 1e-3 * np.abs(y_ground[mine]).max() and not np.isin(wye, mine).any():   # rounding
+            pinned.add(int(b))
+    return pinned
 
 
 # --------------------------------------------------------------------------------- model building
@@ -170,7 +219,7 @@ def build_nlp(problem: OPFProblem, elastic: bool = False, regimes=None) -> pyo.C
     families in :data:`ELASTIC`, penalized in the objective, for diagnosing infeasibility;
     ``regimes``: each load pair's regime (:func:`load_regimes`; default: all in their band)."""
     radial = problem.radial
-    st = _structure(radial)
+    st = _structure(radial, _pinned_islands(problem))
     n, nonroot, roots = radial.n, st.nonroot, radial.root
     m = pyo.ConcreteModel(name=f"nlp_{radial.network.name}")
     m.nodes, m.nonroot = pyo.Set(initialize=range(n)), pyo.Set(initialize=nonroot.tolist())
@@ -183,9 +232,10 @@ def build_nlp(problem: OPFProblem, elastic: bool = False, regimes=None) -> pyo.C
 
     # branch law: V_c - (N V)_c + (Z I)_c = 0
     vr, vi = _complex_rows(st.A_V, m.Vr, m.Vi, nonroot)
-    zr, zi = _complex_rows(st.Z, m.Ir, m.Ii, nonroot)
+    kr, ki = _complex_rows(st.K_I, m.Ir, m.Ii, nonroot)
     m.branch_law = pyo.Constraint(m.nonroot, ["re", "im"], rule=lambda m, c, part:
-                                  (vr[c] + zr[c] if part == "re" else vi[c] + zi[c]) == 0)
+                                  (vr[c] + kr[c] if part == "re" else vi[c] + ki[c]) == 0)
+    zr, zi = _complex_rows(st.Z, m.Ir, m.Ii, st.lossy)
     # net current into every node: own feed minus what child branches and shunts draw
     xr_i, xi_i = _complex_rows(st.B_I, m.Ir, m.Ii, range(n))
     xr_v, xi_v = _complex_rows(st.B_V, m.Vr, m.Vi, range(n))
@@ -220,12 +270,27 @@ def _ders(m, problem: OPFProblem) -> None:
 
 
 def _der_at_nodes(m, problem: OPFProblem) -> tuple[dict, dict]:
-    at: dict[int, list[int]] = {}
-    for g, k in enumerate(problem.ders["node"].to_numpy(int)):
-        at.setdefault(int(k), []).append(g)
-    p = {k: pyo.quicksum(m.p[g] for g in at.get(k, ())) for k in m.nonroot}
-    q = {k: pyo.quicksum(m.q[g] for g in at.get(k, ())) for k in m.nonroot}
-    return p, q
+    """Power the DERs inject at each node. A line-to-line DER ``g`` across ``(f, t)`` carries a current
+    ``K_g`` with ``(V_f - V_t) conj(K_g) = p_g + j q_g`` (family ``der_pair``) and injects
+    ``V_f conj(K_g)`` at ``f`` and ``-V_t conj(K_g)`` at ``t``."""
+    f, t = der_ends(problem.ders)
+    P = {k: [] for k in m.nonroot}
+    Q = {k: [] for k in m.nonroot}
+    for g in np.flatnonzero(t < 0):
+        P[f[g]].append(m.p[g]), Q[f[g]].append(m.q[g])
+    pairs = np.flatnonzero(t >= 0)
+    m.der_pairs = pyo.Set(initialize=pairs.tolist())
+    m.Kr, m.Ki = pyo.Var(m.der_pairs, initialize=0.0), pyo.Var(m.der_pairs, initialize=0.0)
+    wr = {g: m.Vr[f[g]] - m.Vr[t[g]] for g in pairs}
+    wi = {g: m.Vi[f[g]] - m.Vi[t[g]] for g in pairs}
+    m.der_pair = pyo.Constraint(m.der_pairs, ["p", "q"], rule=lambda m, g, part: (
+        wr[g] * m.Kr[g] + wi[g] * m.Ki[g] == m.p[g] if part == "p"
+        else wi[g] * m.Kr[g] - wr[g] * m.Ki[g] == m.q[g]))
+    for g in pairs:
+        for k, sign in ((f[g], 1.0), (t[g], -1.0)):
+            P[k].append(sign * (m.Vr[k] * m.Kr[g] + m.Vi[k] * m.Ki[g]))
+            Q[k].append(sign * (m.Vi[k] * m.Kr[g] - m.Vr[k] * m.Ki[g]))
+    return {k: pyo.quicksum(v) for k, v in P.items()}, {k: pyo.quicksum(v) for k, v in Q.items()}
 
 
 def _loads(m, radial: RadialNetwork, load_scale: float) -> tuple[dict, dict]:
@@ -313,8 +378,10 @@ def initialize(m, problem: OPFProblem, warm_start: bool = True) -> None:
 def _set_point(m, problem: OPFProblem, V: np.ndarray) -> None:
     radial = problem.radial
     cur = np.zeros(radial.n, complex)
-    for br in radial.branches:                  # from the branch law (least squares on a floating Z)
-        cur[br.child] = np.linalg.lstsq(br.Z, br.N @ V[br.parent] - V[br.child], rcond=None)[0]
+    for br in radial.branches:                  # currents from the branch laws
+        k = len(br.parent)
+        cur[br.child] = (-(br.Y[k:, :k] @ V[br.parent] + br.Y[k:, k:] @ V[br.child]) if br.Y is not None
+                         else np.linalg.lstsq(br.Z, br.N @ V[br.parent] - V[br.child], rcond=None)[0])
     for k in m.nonroot:
         m.Ir[k].set_value(cur[k].real), m.Ii[k].set_value(cur[k].imag)
         m.Vr[k].set_value(V[k].real), m.Vi[k].set_value(V[k].imag)

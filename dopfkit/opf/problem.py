@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from dopfkit.network.math_model import Network
 from dopfkit.network.radial import RadialNetwork, radial_network
@@ -50,7 +51,8 @@ class OPFProblem:
             for col in ("node_from", "node_to"):
                 k = ld[col].to_numpy()
                 limited[k[k >= 0]] = True
-            limited[self.ders["node"].to_numpy()] = True
+            for k in der_ends(self.ders):
+                limited[k[k >= 0]] = True
         lo = np.where(limited, self.vmin**2, 0.0)
         hi = np.where(limited, self.vmax**2, np.inf)
         lo[r.root] = hi[r.root] = r.v_root
@@ -66,33 +68,69 @@ class OPFProblem:
 
 
 def der_table(net: Network, nodes, s_rated_kva, p_avail_kw=None, cost=1.0, names=None) -> pd.DataFrame:
-    """DER phases at the given OpenDSS nodes (``"675.1"``), ratings in kVA, available power in kW
-    (default: the rating), per-unit on the network's base. A three-phase unit is three rows."""
+    """DER phases at the given OpenDSS nodes, ratings in kVA, available power in kW (default: the
+    rating), per-unit on the network's base. ``"675.1"`` is a wye phase (node to ground),
+    ``"701.1.2"`` a line-to-line (delta) one across nodes 701.1 and 701.2, as an ungrounded (three-wire
+    delta) feeder needs: there a wye inverter would drive current into ground. A three-phase unit is
+    three rows."""
     radial = radial_network(net)
-    nodes = list(nodes)
-    pos = radial.nodes.get_indexer(nodes)
-    if (pos < 0).any():
-        bad = [x for x, p in zip(nodes, pos) if p < 0]
+    nodes = [str(x).lower() for x in nodes]
+    bus = [x.split(".")[0] for x in nodes]
+    ends = [x.split(".")[1:] for x in nodes]
+    if any(len(e) not in (1, 2) for e in ends):
+        bad = [x for x, e in zip(nodes, ends) if len(e) not in (1, 2)]
+        raise ValueError(f"DER nodes must be 'bus.k' (wye) or 'bus.k.m' (line to line), not {bad}")
+    pos = radial.nodes.get_indexer([f"{b}.{e[0]}" for b, e in zip(bus, ends)])
+    pos_to = np.array([radial.nodes.get_loc(f"{b}.{e[1]}") if len(e) == 2 and f"{b}.{e[1]}" in radial.nodes
+                       else -1 if len(e) == 1 else -2 for b, e in zip(bus, ends)], int)
+    if (pos < 0).any() or (pos_to == -2).any():
+        bad = [x for x, p, q in zip(nodes, pos, pos_to) if p < 0 or q == -2]
         raise KeyError(f"DER nodes not in {net.name}'s energized phase nodes: {bad}")
     s = np.broadcast_to(np.asarray(s_rated_kva, float), (len(nodes),)) * 1e3 / net.sbase
     p = s if p_avail_kw is None else np.broadcast_to(np.asarray(p_avail_kw, float),
                                                      (len(nodes),)) * 1e3 / net.sbase
     return pd.DataFrame({"name": names if names is not None else [f"der.{x}" for x in nodes],
-                         "node": pos, "node_name": nodes, "s_rated": s, "p_avail": np.minimum(p, s),
+                         "node": pos.astype(int), "node_to": pos_to, "node_name": nodes,
+                         "s_rated": s, "p_avail": np.minimum(p, s),
                          "cost": np.broadcast_to(np.asarray(cost, float), (len(nodes),))})
 
 
+def der_ends(ders: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(node, node_to) of every DER row in radial numbering; node_to is -1 for wye (also for tables
+    built without the column)."""
+    f = ders["node"].to_numpy(int)
+    return f, ders["node_to"].to_numpy(int) if "node_to" in ders else np.full(len(f), -1)
+
+
+def der_injection_map(radial: RadialNetwork, ders: pd.DataFrame, phasors=None) -> sp.csr_matrix:
+    """(nodes x DERs) complex map from each DER's power ``p + jq`` to the power it injects at each
+    node: 1 at a wye DER's node; across a pair ``(f, t)``, ``V_f / (V_f - V_t)`` at ``f`` and
+    ``-V_t / (V_f - V_t)`` at ``t``, evaluated at ``phasors`` (default: the no-load angles), the share
+    LinDist3Flow gives delta loads (Byeon, Ryu and Kim)."""
+    a = radial.alpha if phasors is None else phasors
+    f, t = der_ends(ders)
+    pair = np.flatnonzero(t >= 0)
+    d = a[f[pair]] - a[t[pair]]
+    rows = np.r_[f, t[pair]]
+    cols = np.r_[np.arange(len(f)), pair]
+    vals = np.r_[np.where(t >= 0, 0, 1).astype(complex), -a[t[pair]] / d]
+    vals[pair] = a[f[pair]] / d
+    return sp.csr_matrix((vals, (rows, cols)), shape=(radial.n, len(f)))
+
+
 def pv_sites(net, share: float = 0.1, seed: int = 0):
-    """PV for examples and benchmarks: a seeded ``share`` of the load phases get a PV inverter (wye, at
-    the load's first node) rated 1.2x that phase's load; IEEE 37's loads are all delta, so delta
-    pairs count too."""
+    """PV for examples and benchmarks: a seeded ``share`` of the load phases get a PV inverter rated
+    1.2x that phase's load, connected as the load is: wye at a wye load's node, line to line across a
+    delta load's pair (IEEE 37's loads are all delta, on an ungrounded feeder)."""
     r = radial_network(net)
     ld = r.loads[(r.loads.s_pu.abs() > 0) & r.loads.scalable]
     ld = ld.drop_duplicates("node_from")
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(ld), size=max(1, int(share * len(ld))), replace=False)
     rows = ld.iloc[np.sort(pick)]
-    nodes = list(r.nodes[rows.node_from])
+    to = rows.node_to.to_numpy()
+    nodes = [a if t < 0 else f"{a}.{r.nodes[t].rsplit('.', 1)[1]}"
+             for a, t in zip(r.nodes[rows.node_from], to)]
     kva = 1.2 * np.abs(rows.s_pu.to_numpy()) * net.sbase / 1e3
     return der_table(net, nodes, kva)
 
