@@ -125,12 +125,14 @@ def voltage_errors(radial: RadialNetwork, V_model: np.ndarray, V_exact: np.ndarr
     The linear and conic models leave that zero sequence out, and what the island's delta loads feel
     is the line-to-line voltage. So ``max_voltage_error_pu`` compares phase-to-ground magnitudes on
     grounded nodes and line-to-line magnitudes (per unit of sqrt(3) x the phase base) between the
-    phases of each floating bus; ``max_ground_error_pu`` is the phase-to-ground error on every node."""
+    phases of each floating bus; ``max_grounded_nodes_error_pu`` leaves the floating buses out, and
+    ``max_ground_error_pu`` is the phase-to-ground error on every node."""
     on = radial.net_index >= 0
     ground = np.where(on, np.abs(np.abs(V_model) - np.abs(V_exact)), 0.0)
     floating = (radial.floating_island() >= 0) & on
     err = np.where(floating, 0.0, ground)
     worst, name = float(err.max()), str(radial.nodes[int(err.argmax())])
+    grounded = worst
     idx = np.flatnonzero(floating)                       # sorted by bus: a bus's nodes are adjacent
     bus = np.asarray(radial.nodes[idx].str.rsplit(".", n=1).str[0])
     for gap in (1, 2):                                   # every pair of a bus's (at most 3) phases
@@ -140,7 +142,7 @@ def voltage_errors(radial: RadialNetwork, V_model: np.ndarray, V_exact: np.ndarr
         if ll.size and ll.max() > worst:
             j = int(ll.argmax())
             worst, name = float(ll[j]), f"{radial.nodes[k[j]]}.{radial.nodes[m[j]].rsplit('.', 1)[1]}"
-    return {"max_voltage_error_pu": worst, "worst_node": name,
+    return {"max_voltage_error_pu": worst, "worst_node": name, "max_grounded_nodes_error_pu": grounded,
             "max_ground_error_pu": float(ground.max()), "floating_nodes": int(floating.sum())}
 
 
