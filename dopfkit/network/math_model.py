@@ -251,19 +251,28 @@ def _drop_isolated_loads(feeder: Feeder, loads: LoadPairs, energized: np.ndarray
             feeder.report.add(name, IGNORED, "de-energized: open switches isolate its bus from the source")
 
 
+def split_pairs(names) -> tuple[list[str], list[str | None]]:
+    """``"701.1.2"`` -> (``"701.1"``, ``"701.2"``), a line-to-line connection; ``"675.1"`` ->
+    (``"675.1"``, None), wye to ground. OpenDSS bus names hold no dots."""
+    parts = [str(x).lower().split(".") for x in names]
+    bad = [x for x, p in zip(names, parts) if len(p) not in (2, 3)]
+    if bad:
+        raise ValueError(f"nodes must be 'bus.k' (wye) or 'bus.k.m' (line to line), not {bad}")
+    return [f"{p[0]}.{p[1]}" for p in parts], [f"{p[0]}.{p[2]}" if len(p) == 3 else None for p in parts]
+
+
 def with_injections(net: Network, nodes, s_pu, names=None) -> Network:
     """A copy of ``net`` with constant-power injections ``s_pu`` (per unit, generator convention)
     at the given OpenDSS nodes: ``"675.1"`` wye to ground, ``"701.1.2"`` line to line. This is how OPF
     set-points are pushed back through the exact power flow. The feeder data and its import report
     are shared, not copied."""
     import dataclasses
-    nodes = [str(x) for x in nodes]
-    bus_end = [x.rsplit(".", 2) if x.count(".") >= 2 else [x] for x in nodes]
-    idx = net.nodes.get_indexer([x if len(p) == 1 else f"{p[0]}.{p[1]}" for x, p in zip(nodes, bus_end)])
-    to = np.array([net.nodes.get_indexer([f"{p[0]}.{p[2]}"])[0] if len(p) == 3 else -2 for p in bus_end])
-    if (idx < 0).any() or (to == -1).any():
-        raise KeyError(f"nodes not in {net.name}: {[x for x, i, t in zip(nodes, idx, to) if i < 0 or t == -1]}")
-    to[to == -2] = GROUND
+    nodes = list(nodes)
+    first, second = split_pairs(nodes)
+    idx = net.nodes.get_indexer(first)
+    to = np.array([GROUND if x is None else net.nodes.get_loc(x) if x in net.nodes else -2 for x in second])
+    if (idx < 0).any() or (to == -2).any():
+        raise KeyError(f"nodes not in {net.name}: {[x for x, i, t in zip(nodes, idx, to) if i < 0 or t == -2]}")
     s = -np.asarray(s_pu, complex) * net.sbase            # loads draw; injections draw negative power
     m, lp = len(idx), net.loads
     pair = to >= 0

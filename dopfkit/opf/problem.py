@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from dopfkit.network.math_model import Network
+from dopfkit.network.math_model import Network, split_pairs
 from dopfkit.network.radial import RadialNetwork, radial_network
 
 OBJECTIVES = ("substation_power", "losses", "voltage_deviation", "curtailment", "generation_cost")
@@ -75,14 +75,10 @@ def der_table(net: Network, nodes, s_rated_kva, p_avail_kw=None, cost=1.0, names
     three rows."""
     radial = radial_network(net)
     nodes = [str(x).lower() for x in nodes]
-    bus = [x.split(".")[0] for x in nodes]
-    ends = [x.split(".")[1:] for x in nodes]
-    if any(len(e) not in (1, 2) for e in ends):
-        bad = [x for x, e in zip(nodes, ends) if len(e) not in (1, 2)]
-        raise ValueError(f"DER nodes must be 'bus.k' (wye) or 'bus.k.m' (line to line), not {bad}")
-    pos = radial.nodes.get_indexer([f"{b}.{e[0]}" for b, e in zip(bus, ends)])
-    pos_to = np.array([radial.nodes.get_loc(f"{b}.{e[1]}") if len(e) == 2 and f"{b}.{e[1]}" in radial.nodes
-                       else -1 if len(e) == 1 else -2 for b, e in zip(bus, ends)], int)
+    first, second = split_pairs(nodes)
+    pos = radial.nodes.get_indexer(first)
+    pos_to = np.array([-1 if x is None else radial.nodes.get_loc(x) if x in radial.nodes else -2
+                       for x in second], int)
     if (pos < 0).any() or (pos_to == -2).any():
         bad = [x for x, p, q in zip(nodes, pos, pos_to) if p < 0 or q == -2]
         raise KeyError(f"DER nodes not in {net.name}'s energized phase nodes: {bad}")
