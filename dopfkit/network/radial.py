@@ -71,13 +71,10 @@ class RadialNetwork:
         return len(self.nodes)
 
     def behind_approximation(self) -> np.ndarray:
-        """Nodes fed through a branch this view had to approximate (a floating delta's pseudo-inverse):
-        their phase-to-ground voltages are only as good as that approximation."""
-        approx = {name for name, how in self.approximations if "floating" in how}
-        flag = np.zeros(self.n, bool)
-        for br in self.branches:                         # branches are in breadth-first order
-            flag[br.child] = br.name in approx or flag[br.parent].any()
-        return flag
+        """Nodes whose phase-to-ground voltage rests on a floating delta's pseudo-inverse (the nodes
+        of an ungrounded island, :meth:`floating_island`): only their line-to-line voltages are exact
+        in the branch-flow view."""
+        return self.floating_island() >= 0
 
     def floating_island(self) -> np.ndarray:
         """Per node, the floating-secondary branch whose island (the nodes it feeds, through lines and

@@ -131,7 +131,7 @@ def _pinned_islands(problem: OPFProblem) -> set[int]:
     wye = np.r_[ld["node_from"].to_numpy()[(ld["node_to"].to_numpy() < 0) & (ld["s_pu"].to_numpy() != 0)],
                 f[t < 0]].astype(int)
     bus = np.asarray(r.nodes.str.rsplit(".", n=1).str[0])
-    shifted = {island[br.child[0]] for br in r.branches if br.Y is not None and not br.floating}
+    shifted = {island[br.child[0]] for br in r.branches if br.Y is not None and not br.floating} - {-1}
     pinned = set()
     for b in np.setdiff1d(island[island >= 0], list(shifted)):
         mine = np.flatnonzero(island == b)
