@@ -56,6 +56,9 @@ def linear_error(net) -> dict:
             "max_ground_error_pct": 100 * err["max_ground_error_pu"],
             "mean_ground_error_pct": 100 * float(ground.mean()), "nodes": int(on.sum()),
             "floating_nodes": err["floating_nodes"],
+            # what LinDist3Flow leaves out: the series losses (its flows carry the loads alone)
+            "exact_losses_kw": float(exact.losses.real), "exact_losses_kvar": float(exact.losses.imag),
+            "lossless_load_kw": float(lin.s_root.real.sum() * net.sbase / 1e3),
             "exact_powerflow_converged": bool(exact.converged), "linear_solve_s": t_lin}
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import dopfkit
 from dopfkit.network.math_model import with_injections
-from dopfkit.opf.problem import OPFInfeasibleError, OPFProblem, der_table
+from dopfkit.opf.problem import OPFInfeasibleError, OPFProblem, VoltageLimits, der_table
 
 cp = pytest.importorskip("cvxpy")
 from dopfkit.opf import conic  # noqa: E402
@@ -109,6 +109,12 @@ def test_maps_hold_the_exact_powerflow_solution(net13):
     assert np.abs(maps.parent_re @ x - maps.parent_re_rhs).max() < 1e-7
     assert np.abs(maps.parent_im @ x - maps.parent_im_rhs).max() < 1e-7
     assert np.abs(maps.w_diag.real @ x + maps.w_fixed - np.abs(V) ** 2).max() < 1e-7
+    a, b_, c = r.nodes.get_indexer(["671.1", "671.2", "671.3"])   # line to line, and to ground
+    lim = VoltageLimits(node=np.array([a, b_, a]), node_to=np.array([b_, c, -1]), lo=np.zeros(3),
+                        hi=np.ones(3), names=np.array(["671.1.2", "671.2.3", "671.1"]))
+    U, u0 = maps.limited_voltages(lim)
+    expected = np.abs(V[[a, b_, a]] - np.r_[V[[b_, c]], 0]) ** 2 / np.array([3, 3, 1])
+    assert np.abs(U @ x + u0 - expected).max() < 1e-7
     res = (maps.deliver - maps.drawn - maps.shunt - maps.load) @ x - maps.load_const
     # an ideal branch's flow is whatever balances its child; its parent must then balance too
     for b in maps.ideal:

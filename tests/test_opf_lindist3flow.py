@@ -4,7 +4,7 @@ import pytest
 
 import dopfkit as dk
 from dopfkit.network.radial import radial_network
-from dopfkit.opf import OPFInfeasibleError, OPFProblem, der_table, solve_opf, voltage_errors
+from dopfkit.opf import OPFInfeasibleError, OPFProblem, der_table, pv_sites, solve_opf, voltage_errors
 from dopfkit.opf.lindist3flow import (
     lindist3flow_blocks,
     lindist3flow_lp,
@@ -123,7 +123,9 @@ def test_standard_form_shape_and_named_blocks(nets):
     lp = lindist3flow_lp(OPFProblem(net, der_table(net, ["83.1"], 100)))
     n, nf = r.n, r.n - len(r.root)
     assert lp.A.shape == (2 * n + nf + 8, n + 2 * nf + 2 * len(r.root) + 2 + 8)   # 8 binding faces
-    assert set(lp.rows) == {"power balance P", "power balance Q", "voltage drop", "inverter capability"}
+    assert set(lp.rows) == {"power balance P", "power balance Q", "voltage drop", "inverter capability",
+                            "line-to-line voltage"}
+    assert lp.rows["line-to-line voltage"].stop == lp.rows["line-to-line voltage"].start   # 610: no load
 
 
 def test_inverter_polygon_is_inscribed_with_a_vertex_at_full_active_power(nets):
@@ -140,6 +142,25 @@ def test_inverter_polygon_is_inscribed_with_a_vertex_at_full_active_power(nets):
     outside = [slack(1.001 * S * np.cos(f), 1.001 * S * np.sin(f)).min() < 0 for f in phi]
     assert all(outside)                                                  # an inner approximation
     assert slack(S * np.cos(np.pi / 16), S * np.sin(np.pi / 16)).min() < 0     # mid-arc: cut off
+
+
+def test_line_to_line_limits_on_an_ungrounded_feeder():
+    """IEEE 37's limits are line to line: the LP's v_ll columns are the model's own line-to-line
+    voltages (to second order in the magnitudes), bounded by the limits; impossible ones are named
+    by their pair."""
+    net = dk.load_feeder("ieee37")
+    prob = OPFProblem(net, pv_sites(net, share=0.3), vmin=0.97, vmax=1.03)
+    lp = lindist3flow_lp(prob)
+    sol = solve_lindist3flow(prob)
+    limits = prob.voltage_limits()
+    V = np.sqrt(sol.v) * prob.radial.alpha
+    u_model = limits.squared(V)                                # |V_f - V_t|^2 / 3 at the model's phasors
+    u_lp = lp.lower[lp.columns["v_ll"]]
+    assert (u_lp == 0.97**2).all() and len(u_lp) == len(limits) == 75
+    assert u_model.max() <= 1.03**2 + 1e-3 and u_model.min() >= 0.97**2 - 1e-3
+    assert np.isfinite(prob.voltage_bounds()[1]).sum() == len(prob.radial.root)   # no phase limits
+    with pytest.raises(OPFInfeasibleError, match=r"voltage (upper|lower) limit: 7\d\d\.\d\.\d"):
+        solve_opf(net, ders=pv_sites(net), vmin=1.08, vmax=1.1)
 
 
 def test_infeasible_limits_name_the_family(nets):

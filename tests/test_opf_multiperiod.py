@@ -8,12 +8,14 @@ power flow with the set-points put in as injections, a second solver, and price 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import dopfkit
 from dopfkit.feeders import profiles_dir
 from dopfkit.network.math_model import with_injections
 from dopfkit.network.radial import radial_network
+from dopfkit.opf import pv_sites, solve_opf
 from dopfkit.opf.lindist3flow import lindist3flow_blocks, lindist3flow_powerflow
 from dopfkit.opf.multiperiod import solve_multiperiod, storage_table
 from dopfkit.opf.problem import OPFInfeasibleError, der_table
@@ -166,6 +168,21 @@ def test_no_storage_no_pv_reproduces_single_period_lindist3flow(net, shapes):
         np.testing.assert_allclose(res.v[t], ref.v, atol=1e-8, err_msg=f"step {t}")
         assert res.p_substation.iloc[t] == pytest.approx(ref.s_root.real.sum() * 1e3, abs=1e-5)
     assert np.isnan(res.soc.to_numpy()).all()                       # zero-size batteries have no SOC
+
+
+def test_ungrounded_feeder_steps_match_the_single_period_opf():
+    """IEEE 37 is limited line to line; two identical steps must each be the single-period
+    LinDist3Flow OPF (a second, independently assembled LP with the same limits)."""
+    net37 = dopfkit.load_feeder("ieee37")
+    ders = pv_sites(net37, share=0.3)
+    single = solve_opf(net37, ders=ders, vmin=0.97, vmax=1.03, check=False)
+    steps = pd.Series([1.0, 1.0])
+    res = solve_multiperiod(net37, ders, None, steps, steps, objective="substation_energy", vmin=0.97,
+                            vmax=1.03, limit_nodes="loads", solver="highs")
+    p_single = single.solution.s_root.real.sum() * net37.sbase / 1e3
+    np.testing.assert_allclose(res.p_substation.to_numpy(), p_single, rtol=1e-7)
+    loose = solve_opf(net37, ders=ders, vmin=0.9, vmax=1.1, check=False)
+    assert loose.objective < single.objective - 1e-4             # the line-to-line limits bind
 
 
 def test_second_solver_agrees(net, ders, bess, shapes, arbitrage):

@@ -7,8 +7,8 @@ import dopfkit as dk
 from dopfkit import solvers
 from dopfkit.network.math_model import with_injections
 from dopfkit.network.radial import radial_network
-from dopfkit.opf.nlp import solve_nlp
 from dopfkit.opf import pv_sites, solve_opf
+from dopfkit.opf.nlp import solve_nlp
 from dopfkit.opf.problem import OPFInfeasibleError, OPFProblem, der_table
 
 pytestmark = pytest.mark.skipif(not solvers.available()["ipopt"], reason="ipopt is not installed")
@@ -56,6 +56,26 @@ def test_line_to_line_ders_on_an_ungrounded_feeder(nets):
     assert res.check["substation_kw_model"] == pytest.approx(res.check["substation_kw_exact"], abs=1e-3)
     assert res.check["floating_nodes"] == 114
     assert res.setpoints["p_kw"].sum() > 300                            # the PV is used (357 kW)
+
+
+def test_ungrounded_feeder_is_limited_line_to_line(nets):
+    """On IEEE 37 every limit is a line-to-line voltage (a phase-to-ground one there rests on ppm
+    admittances). With 1.03 pu the NLP's upper limit binds, and the exact power flow at its set-points
+    keeps every line-to-line voltage of a load bus within 0.97-1.03 (it reaches 1.031 with 0.9-1.1)."""
+    net = nets["ieee37"]
+    ders = pv_sites(net, share=0.3)
+    res = solve_opf(net, formulation="nlp", objective="substation_power", ders=ders, vmin=0.97, vmax=1.03)
+    limits = res.problem.voltage_limits()
+    assert limits.pair.all() and len(limits) == 75
+    r = res.problem.radial
+    V = np.zeros(r.n, complex)
+    V[r.net_index >= 0] = res.exact.V[r.net_index[r.net_index >= 0]]
+    u = np.sqrt(limits.squared(V))
+    assert u.max() <= 1.03 + 1e-6 and u.max() >= 1.03 - 1e-4          # binding
+    assert u.min() >= 0.97 - 1e-6
+    assert res.check["max_overvoltage_pu"] <= 1e-6 and res.check["max_undervoltage_pu"] <= 1e-6
+    loose = solve_opf(net, formulation="nlp", objective="substation_power", ders=ders, vmin=0.9, vmax=1.1)
+    assert loose.check["max_overvoltage_pu"] == 0 and loose.objective < res.objective
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,10 @@
 
 The feeder is a graph of *nodes* (buses, the source EMF included) and *lines* (branches: lines,
 switches, regulators, transformers, the source impedance). Every row of ``A x = b`` belongs to one
-component: a node's power balances and its inverters' capability rows to the node, a flow's voltage
-drop to the line that carries it. One subsystem per component, except that a leaf node (a bus with no
-children) is merged with the line that feeds it. Subsystem ``s`` keeps a local copy ``x_s = B_s z`` of
+component: a node's power balances, its inverters' capability rows and its line-to-line voltage
+rows (ungrounded islands) to the node, a flow's voltage drop to the line that carries it. One
+subsystem per component, except that a leaf node (a bus with no children) is merged with the line
+that feeds it. Subsystem ``s`` keeps a local copy ``x_s = B_s z`` of
 every column its rows touch; bounds stay on the global ``z``, so each local problem is an equality-
 constrained least-squares step with the closed form
 
@@ -118,6 +119,8 @@ def component_labels(problem, lp) -> tuple[np.ndarray, list[str], list[str], dic
     if n_der:
         per = (k.stop - k.start) // n_der
         rows[k] = np.repeat(comp_of_bus[bus_code[problem.ders["node"].to_numpy()]], per)
+    ll = problem.voltage_limits()                               # a bus's line-to-line limits
+    rows[lp.rows["line-to-line voltage"]] = comp_of_bus[bus_code[ll.node[ll.pair]]]
     used, rows = np.unique(rows, return_inverse=True)          # drop the absorbed leaf ids
     labels = np.concatenate([[f"bus {b}" for b in bus_names],
                              [f"line {br.name}" for br in r.branches]]).astype(object)

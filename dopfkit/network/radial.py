@@ -86,6 +86,20 @@ class RadialNetwork:
             island[br.child] = b if br.floating else -1 if grounds else island[br.parent[0]]
         return island
 
+    def floating_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every pair ``(k, m)`` of phase nodes of one bus on an ungrounded island (its line-to-line
+        voltages: all the physics there is on such a bus)."""
+        idx = np.flatnonzero((self.floating_island() >= 0) & (self.net_index >= 0))
+        bus = np.asarray(self.nodes[idx].str.rsplit(".", n=1).str[0])   # a bus's nodes are adjacent
+        same = [(bus[:-gap] == bus[gap:], gap) for gap in (1, 2)]        # at most 3 phases a bus
+        return (np.concatenate([idx[:-gap][s] for s, gap in same]).astype(int),
+                np.concatenate([idx[gap:][s] for s, gap in same]).astype(int))
+
+    def pair_names(self, k, m) -> np.ndarray:
+        """``"701.1.2"`` for the pair of nodes 701.1 and 701.2."""
+        return np.array([f"{self.nodes[a]}.{self.nodes[b].rsplit('.', 1)[1]}" for a, b in zip(k, m)],
+                        dtype=object)
+
     def __repr__(self) -> str:
         return (f"RadialNetwork({self.network.name!r}: {self.n} nodes, {len(self.branches)} branches, "
                 f"{len(self.loads)} load pairs)")

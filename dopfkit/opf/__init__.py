@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 
 from dopfkit.network.math_model import Network, with_injections
-from dopfkit.network.radial import RadialNetwork
 from dopfkit.network.primitives import source_primitive
+from dopfkit.network.radial import RadialNetwork
 from dopfkit.opf.problem import (
     OBJECTIVES,
     FormulationSolution,
@@ -97,22 +97,20 @@ def check_against_powerflow(problem: OPFProblem, solution: FormulationSolution, 
     plant = with_injections(net, ders["node_name"], solution.p_der + 1j * solution.q_der,
                             names=ders["name"]) if len(ders) else net
     pf = solve_powerflow(plant, load_scale=problem.load_scale, raise_on_fail=False)
-    vm = pf.vmag[voltages.index]
-    lo, hi = problem.voltage_bounds()
     r = problem.radial
     keep = r.net_index >= 0
-    lo_n = pd.Series(np.sqrt(lo[keep]), index=voltages.index)
-    hi_n = pd.Series(np.sqrt(hi[keep]), index=voltages.index)
     V_model = solution.extra.get("V")
     if V_model is None:                                  # magnitudes only: at the no-load angles
         V_model = np.sqrt(np.maximum(solution.v, 0)) * r.alpha
     V_exact = np.zeros(r.n, complex)
     V_exact[keep] = pf.V[r.net_index[keep]]
     p_sub_exact = _source_power(pf)
+    limits = problem.voltage_limits()                    # line to line on ungrounded islands
+    u = np.sqrt(limits.squared(V_exact))
     return pf, {
         **voltage_errors(r, V_model, V_exact),
-        "max_undervoltage_pu": float(np.maximum(lo_n - vm, 0).max()),
-        "max_overvoltage_pu": float(np.maximum(vm - hi_n, 0).max()),
+        "max_undervoltage_pu": float(np.maximum(np.sqrt(limits.lo) - u, 0).max(initial=0)),
+        "max_overvoltage_pu": float(np.maximum(u - np.sqrt(limits.hi), 0).max(initial=0)),
         "substation_kw_model": float(solution.s_root.real.sum() * net.sbase / 1e3),
         "substation_kw_exact": p_sub_exact, "powerflow_converged": bool(pf.converged)}
 
@@ -133,15 +131,11 @@ def voltage_errors(radial: RadialNetwork, V_model: np.ndarray, V_exact: np.ndarr
     err = np.where(floating, 0.0, ground)
     worst, name = float(err.max()), str(radial.nodes[int(err.argmax())])
     grounded = worst
-    idx = np.flatnonzero(floating)                       # sorted by bus: a bus's nodes are adjacent
-    bus = np.asarray(radial.nodes[idx].str.rsplit(".", n=1).str[0])
-    for gap in (1, 2):                                   # every pair of a bus's (at most 3) phases
-        same = bus[:-gap] == bus[gap:]
-        k, m = idx[:-gap][same], idx[gap:][same]
-        ll = np.abs(np.abs(V_model[k] - V_model[m]) - np.abs(V_exact[k] - V_exact[m])) / np.sqrt(3)
-        if ll.size and ll.max() > worst:
-            j = int(ll.argmax())
-            worst, name = float(ll[j]), f"{radial.nodes[k[j]]}.{radial.nodes[m[j]].rsplit('.', 1)[1]}"
+    k, m = radial.floating_pairs()
+    ll = np.abs(np.abs(V_model[k] - V_model[m]) - np.abs(V_exact[k] - V_exact[m])) / np.sqrt(3)
+    if ll.size and ll.max() > worst:
+        j = int(ll.argmax())
+        worst, name = float(ll[j]), str(radial.pair_names([k[j]], [m[j]])[0])
     return {"max_voltage_error_pu": worst, "worst_node": name, "max_grounded_nodes_error_pu": grounded,
             "max_ground_error_pu": float(ground.max()), "floating_nodes": int(floating.sum())}
 

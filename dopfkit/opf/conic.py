@@ -28,6 +28,7 @@ Z L Z^H``; every bus has one feeding branch, so this defines each bus's ``W`` on
                           + s_load(W_j) - (p + j q)_DER   power balance at every phase of j
     M_b[:, n_i:] u = 0  for every u with Z_b u = 0        no current along null(Z) (floating secondary)
     vmin^2 <= diag(W_j) <= vmax^2                         where the problem limits voltages
+    vmin^2 <= (W_aa + W_bb - 2 Re W_ab) / 3 <= vmax^2      line to line, on an ungrounded island
     0 <= p <= p_avail,  ||(p, q)|| <= s_rated             each DER phase
     M_b >= 0 (PSD)                                        SDP;  SOCP: its 2x2 principal minors
 
@@ -148,11 +149,24 @@ class ConicMaps:
     w_pairs_kk: sp.csr_matrix   # their W_kk and W_ll (real)
     w_pairs_ll: sp.csr_matrix
     no_current: sp.csr_matrix   # (real rows) = 0: no current along null(Z) (floating secondaries)
+    entries: _WEntries          # W_kl of any two phases of one bus, over vec(M) (before B)
     share_phasors: np.ndarray | None = None   # where delta pairs (loads, DERs) split their power
 
     @property
     def nx(self) -> int:
         return self.B.shape[1]
+
+    def limited_voltages(self, limits) -> tuple[sp.csr_matrix, np.ndarray]:
+        """(U, u0) with ``U x + u0`` each limited quantity of a
+        :class:`~dopfkit.opf.problem.VoltageLimits`: ``W_ff``, or line to line
+        ``(W_ff + W_tt - 2 Re W_ft) / 3``, both linear in the lifted matrices."""
+        pair = limits.pair
+        f, t = limits.node, np.where(pair, limits.node_to, limits.node)
+        (ff, c_ff), (tt, c_tt), (ft, c_ft) = self.entries(f, f), self.entries(t, t), self.entries(f, t)
+        w = np.where(pair, 1 / 3, 0.0)
+        U = sp.diags(np.where(pair, 1 / 3, 1.0)) @ ff + sp.diags(w) @ (tt - 2 * ft)
+        u0 = np.where(pair, 1 / 3, 1.0) * c_ff + w * (c_tt - 2 * c_ft)
+        return (U @ self.B).real.tocsr(), u0.real
 
     def matrices(self, x: np.ndarray) -> list[np.ndarray]:
         """The Hermitian ``M_b`` of every lifted branch at a solution ``x``."""
@@ -198,7 +212,8 @@ def conic_maps(radial: RadialNetwork, load_scale: float = 1.0,
         load_const=load_const + sh_const + ld_fixed, w_diag=times_B(w_diag), w_fixed=w_fixed.real,
         parent_re=times_B(p_re).real, parent_im=times_B(p_im).imag, parent_re_rhs=r_re,
         parent_im_rhs=r_im, w_pairs=times_B(w_kl), w_pairs_kk=times_B(w_kk).real,
-        w_pairs_ll=times_B(w_ll).real, no_current=_null_current(lifts, B), share_phasors=V_share)
+        w_pairs_ll=times_B(w_ll).real, no_current=_null_current(lifts, B), entries=wsel,
+        share_phasors=V_share)
 
 
 def _hermitian_basis(m: int) -> sp.csr_matrix:
@@ -440,7 +455,7 @@ class _Model:
     s_root: tuple          # (real, imag) expressions
     objective: object      # the problem's objective (without the elastic or loss_weight terms)
     slack: tuple | None    # elastic voltage slacks (above, below) or None
-    hi_k: np.ndarray       # nodes with an upper / a lower voltage limit
+    hi_k: np.ndarray       # rows of problem.voltage_limits() with an upper / a lower limit
     lo_k: np.ndarray
 
 
@@ -469,10 +484,14 @@ def _build(cp, problem: OPFProblem, maps: ConicMaps, relaxation: str, elastic: b
         cons.append(maps.no_current @ x == 0)                  # floating secondaries
     cons += _psd_constraints(cp, maps, x) if relaxation == "sdp" else _minor_constraints(cp, maps, x)
     v = maps.w_diag.real @ x + maps.w_fixed
-    lo, hi = problem.voltage_bounds()
-    lo_k, hi_k = free[lo[free] > 0], free[np.isfinite(hi[free])]
+    limits = problem.voltage_limits()                        # phase to ground, or line to line
+    lo, hi = limits.lo, limits.hi
+    lo_k, hi_k = np.flatnonzero(lo > 0), np.flatnonzero(np.isfinite(hi))
+    U, u0 = maps.limited_voltages(limits)
+    u = U @ x + u0
     slack = (cp.Variable(len(hi_k), nonneg=True), cp.Variable(len(lo_k), nonneg=True)) if elastic else (0, 0)
-    cons += [v[hi_k] <= hi[hi_k] + slack[0], v[lo_k] >= lo[lo_k] - slack[1]]
+    if len(limits):
+        cons += [u[hi_k] <= hi[hi_k] + slack[0], u[lo_k] >= lo[lo_k] - slack[1]]
     drawn_root = maps.drawn[r.root]
     s_root = (drawn_root.real @ x, drawn_root.imag @ x)
     base = _objective(cp, problem, maps, x, p, v[free], s_root[0])
@@ -531,6 +550,9 @@ _OK = ("optimal", "optimal_inaccurate")
 # with a tiny resistance, a source or a regulator, is nearly degenerate) and reports 'AlmostSolved';
 # 1e-7 is reached in about 10 iterations with the same solution.
 CLARABEL_DEFAULTS = {"tol_gap_abs": 1e-7, "tol_gap_rel": 1e-7, "tol_feas": 1e-7}
+# Clarabel's factorization can fail outright on a nearly degenerate SOCP (IEEE 37 with 30 % PV and
+# slack limits); ten times its default static regularization gets through to the same optimum as SCS.
+CLARABEL_RETRY = {"static_regularization_constant": 1e-7}
 SHARE_RESIDUAL = 1e-2   # pu: above this the recovered phasors are no basis for the delta shares
 
 
@@ -579,7 +601,14 @@ def _solve_once(cp, problem, relaxation, constant, opts, loss_weight, V_share, w
         model.cvx.solve(solver=constant, **opts)
     except cp.error.SolverError as err:         # an infeasible SDP can end this way: diagnose first
         _raise_infeasible(cp, problem, maps, relaxation, constant, opts, "not solved", quiet=True)
-        raise RuntimeError(f"{where}: {constant} failed: {err}") from err
+        retry = {**opts, **CLARABEL_RETRY} if constant == "CLARABEL" and opts.keys().isdisjoint(
+            CLARABEL_RETRY) else None
+        if retry is None:
+            raise RuntimeError(f"{where}: {constant} failed: {err}") from err
+        try:
+            model.cvx.solve(solver=constant, **retry)
+        except cp.error.SolverError as err2:
+            raise RuntimeError(f"{where}: {constant} failed, also with {CLARABEL_RETRY}: {err2}") from err
     wall = time.perf_counter() - t1
     compile_t, solve_t = _cvxpy_times(model.cvx, wall)
     status = model.cvx.status
@@ -673,7 +702,7 @@ def _raise_infeasible(cp, problem, maps, relaxation, constant, opts, status, qui
         if quiet:
             return
         raise OPFInfeasibleError(f"{where}; the elastic re-solve returned {model.cvx.status!r}")
-    names, parts = maps.radial.nodes, []
+    names, parts = problem.voltage_limits().names, []
     for fam, slack, nodes in (("voltage upper limit", model.slack[0], model.hi_k),
                               ("voltage lower limit", model.slack[1], model.lo_k)):
         s = np.asarray(slack.value)

@@ -230,9 +230,11 @@ def lindist3flow_lp(problem, blocks: LinDist3FlowBlocks | None = None):
     """The LinDist3Flow OPF of ``problem`` as a :class:`StandardFormLP`.
 
     Columns: ``v`` (all nodes), ``P``, ``Q`` (one per flow), ``p_src``, ``q_src`` (per root node),
-    ``p_der``, ``q_der``, ``slack`` (inverter polygon). Rows: ``power balance P``, ``power balance Q``,
-    ``voltage drop``, ``inverter capability``. Root voltages are fixed through their bounds, and
-    ``vmin^2 <= v <= vmax^2`` are bounds, so the only inequalities are the polygon's.
+    ``p_der``, ``q_der``, ``slack`` (inverter polygon), ``v_ll`` (limited line-to-line voltages of
+    ungrounded islands, :class:`~dopfkit.opf.problem.VoltageLimits`). Rows: ``power balance P``,
+    ``power balance Q``, ``voltage drop``, ``inverter capability``, ``line-to-line voltage``. Root
+    voltages are fixed through their bounds, and the voltage limits are bounds (on ``v`` and
+    ``v_ll``), so the only inequalities are the polygon's.
     """
     from dopfkit.opf.standard_form import StandardFormLP
     b_ = blocks or lindist3flow_blocks(problem.radial)
@@ -247,22 +249,29 @@ def lindist3flow_lp(problem, blocks: LinDist3FlowBlocks | None = None):
     Tr, Ti, Cr, Ci = b_.T.real, b_.T.imag, b_.C.real, b_.C.imag
     poly_p = sp.kron(sp.eye(nd), cos[:, None])
     poly_q = sp.kron(sp.eye(nd), sin[:, None])
+    limits = problem.voltage_limits()
+    ll = limits.pair
+    L, nl = line_to_line_map(r, limits.node[ll], limits.node_to[ll]), int(ll.sum())
     Z = lambda rows, cols: sp.csr_matrix((rows, cols))  # noqa: E731
     A = sp.bmat([
-        [-H.real, E - Tr, Ti, R, Z(n, nr), D.real, -D.imag, Z(n, nd * K)],
-        [-H.imag, -Ti, E - Tr, Z(n, nr), R, D.imag, D.real, Z(n, nd * K)],
-        [E.T - b_.W, 2 * Cr, -2 * Ci, Z(nf, nr), Z(nf, nr), Z(nf, nd), Z(nf, nd), Z(nf, nd * K)],
+        [-H.real, E - Tr, Ti, R, Z(n, nr), D.real, -D.imag, Z(n, nd * K), Z(n, nl)],
+        [-H.imag, -Ti, E - Tr, Z(n, nr), R, D.imag, D.real, Z(n, nd * K), Z(n, nl)],
+        [E.T - b_.W, 2 * Cr, -2 * Ci, Z(nf, nr), Z(nf, nr), Z(nf, nd), Z(nf, nd), Z(nf, nd * K), Z(nf, nl)],
         [Z(nd * K, n), Z(nd * K, nf), Z(nd * K, nf), Z(nd * K, nr), Z(nd * K, nr), poly_p, poly_q,
-         sp.eye(nd * K)]], format="csr")
+         sp.eye(nd * K), Z(nd * K, nl)],
+        [L, Z(nl, nf), Z(nl, nf), Z(nl, nr), Z(nl, nr), Z(nl, nd), Z(nl, nd), Z(nl, nd * K), -sp.eye(nl)]],
+        format="csr")
     s_rated = ders["s_rated"].to_numpy()
     b = np.concatenate([s_const.real, s_const.imag, np.zeros(nf),
-                        np.repeat(s_rated * shrink, K)])
-    sizes = {"v": n, "P": nf, "Q": nf, "p_src": nr, "q_src": nr, "p_der": nd, "q_der": nd, "slack": nd * K}
+                        np.repeat(s_rated * shrink, K), np.zeros(nl)])
+    sizes = {"v": n, "P": nf, "Q": nf, "p_src": nr, "q_src": nr, "p_der": nd, "q_der": nd, "slack": nd * K,
+             "v_ll": nl}
     columns = _blocks(sizes)
     rows = _blocks({"power balance P": n, "power balance Q": n, "voltage drop": nf,
-                    "inverter capability": nd * K})
+                    "inverter capability": nd * K, "line-to-line voltage": nl})
     lower, upper = np.full(A.shape[1], -np.inf), np.full(A.shape[1], np.inf)
-    lower[columns["v"]], upper[columns["v"]] = problem.voltage_bounds()
+    lower[columns["v"]], upper[columns["v"]] = limits.node_bounds(r)
+    lower[columns["v_ll"]], upper[columns["v_ll"]] = limits.lo[ll], limits.hi[ll]
     lower[columns["p_der"]], upper[columns["p_der"]] = 0.0, ders["p_avail"].to_numpy()
     lower[columns["q_der"]], upper[columns["q_der"]] = -s_rated, s_rated
     lower[columns["slack"]] = 0.0
@@ -271,7 +280,19 @@ def lindist3flow_lp(problem, blocks: LinDist3FlowBlocks | None = None):
     c, Q, offset = _objective(problem, b_, columns, A.shape[1])
     return StandardFormLP(c=c, A=A, b=b, lower=lower, upper=upper, columns=columns, rows=rows,
                           Q=Q, offset=offset, names={"v": np.asarray(r.nodes),
-                                                     "P": np.asarray(r.nodes[fn])})
+                                                     "P": np.asarray(r.nodes[fn]),
+                                                     "v_ll": limits.names[ll]})
+
+
+def line_to_line_map(radial: RadialNetwork, f: np.ndarray, t: np.ndarray) -> sp.csr_matrix:
+    """(pairs x nodes) real: ``|V_f - V_t|^2 / 3 ~ (w_f v_f + w_t v_t) / 3`` with the voltages at
+    their no-load angles, linearized in the squared magnitudes as the pair voltage of a delta load
+    is (exact at the no-load point)."""
+    a = radial.alpha
+    x0 = a[f] - a[t]
+    w_f, w_t = (np.conj(x0) * a[f]).real / 3, -(np.conj(x0) * a[t]).real / 3
+    k = np.arange(len(f))
+    return sp.csr_matrix((np.r_[w_f, w_t], (np.r_[k, k], np.r_[f, t])), shape=(len(f), radial.n))
 
 
 def _blocks(sizes: dict[str, int]) -> dict[str, slice]:
@@ -378,8 +399,8 @@ def _solve_cvxpy(lp, solver: str | None):
 
 
 def _raise_infeasible(problem, lp, status: str):
-    """Re-solve with every voltage limit and every power balance made elastic (penalized slacks)
-    and name the constraint families that had to give."""
+    """Re-solve with every voltage limit (phase to ground and line to line) and every power balance
+    made elastic (penalized slacks) and name the constraint families that had to give."""
     from dopfkit.opf.problem import OPFInfeasibleError
     culprits = elastic_diagnosis(problem, lp)
     detail = "; ".join(f"{fam}: {txt}" for fam, txt in culprits.items()) or \
@@ -394,7 +415,8 @@ def elastic_diagnosis(problem, lp, penalty: float = 1e3, shed_weight: float = 10
     culprit, are named first and a balance slack only appears when no voltage can make it up."""
     from dopfkit.opf.standard_form import StandardFormLP, solve_highs
     m, ncol = lp.A.shape
-    vcols = np.arange(lp.columns["v"].start, lp.columns["v"].stop)
+    ll = lp.columns.get("v_ll", slice(0, 0))
+    vcols = np.r_[np.arange(lp.columns["v"].start, lp.columns["v"].stop), np.arange(ll.start, ll.stop)]
     limited = np.isfinite(lp.upper[vcols])
     limited[problem.radial.root] = False                 # the source voltage is data, not a limit
     free = np.flatnonzero(limited)
@@ -420,11 +442,12 @@ def elastic_diagnosis(problem, lp, penalty: float = 1e3, shed_weight: float = 10
     s = sol.x[ncol:]
     above, below = s[:nv], s[nv:2 * nv]
     shed = s[2 * nv:2 * nv + nb] + s[2 * nv + nb:]
-    names = lp.names["v"]
+    names = np.concatenate([lp.names["v"], lp.names.get("v_ll", [])])
+    nodes = lp.names["v"]
     out = {}
     for fam, viol, labels in (("voltage upper limit", above, names[free]),
                               ("voltage lower limit", below, names[free]),
-                              ("power balance", shed, np.concatenate([names, names]))):
+                              ("power balance", shed, np.concatenate([nodes, nodes]))):
         if viol.max(initial=0) > 1e-7:
             worst = np.argsort(-viol)[:3]
             out[fam] = ", ".join(f"{labels[k]} by {viol[k]:.3g}" for k in worst if viol[k] > 1e-7)

@@ -11,7 +11,7 @@
 Model (per unit on the network's per-phase base; steps ``t = 1..T`` of ``dt`` hours). Each step is a
 LinDist3Flow network (:mod:`dopfkit.opf.lindist3flow`) with the scalable loads times ``load_shape[t]``::
 
-    v_t[root] = v_root,   vmin^2 <= v_t <= vmax^2                      (other nodes)
+    v_t[root] = v_root,   vmin^2 <= v_t <= vmax^2   (other nodes; line to line on ungrounded islands)
     (E - T) s_t - H(l_t) v_t + G_der s_der,t + G_st s_st,t = s_const(l_t)   (balance, non-root nodes)
     (E^T - W) v_t + 2 Re(C s_t) = 0                                         (voltage drop per flow)
     0 <= p_der,t <= p_avail * pv_shape[t],   (p_der,t, q_der,t) in polygon(s_rated)
@@ -55,8 +55,20 @@ import scipy.sparse as sp
 
 from dopfkit.network.math_model import Network
 from dopfkit.network.radial import RadialNetwork, radial_network
-from dopfkit.opf.lindist3flow import LinDist3FlowBlocks, capability_polygon, lindist3flow_blocks
-from dopfkit.opf.problem import OPFInfeasibleError, der_ends, der_injection_map
+from dopfkit.opf.lindist3flow import (
+    LinDist3FlowBlocks,
+    capability_polygon,
+    lindist3flow_blocks,
+    line_to_line_map,
+)
+from dopfkit.opf.problem import (
+    OPFInfeasibleError,
+    VoltageLimits,
+    der_ends,
+    der_injection_map,
+    nodes_mask,
+    voltage_limits,
+)
 
 OBJECTIVES = ("substation_energy", "energy_cost", "peak_demand", "curtailment", "losses")
 
@@ -179,10 +191,11 @@ class _Layout:
     nd: int
     ns: int
     T: int
+    nl: int = 0                                       # limited line-to-line voltages (ungrounded islands)
 
     def __post_init__(self):
         sizes = dict(v=self.n, P=self.nf, Q=self.nf, pd=self.nd, qd=self.nd, pc=self.ns, pdis=self.ns,
-                     qs=self.ns)
+                     qs=self.ns, vll=self.nl)
         self.off, k = {}, 0
         for name, size in sizes.items():
             self.off[name] = slice(k, k + size)
@@ -205,8 +218,9 @@ def _incidence(n, nodes) -> sp.csr_matrix:
     return sp.csr_matrix((np.ones(nodes.size), (nodes, np.arange(nodes.size))), shape=(n, nodes.size))
 
 
-def _step_blocks(blocks: LinDist3FlowBlocks, lay: _Layout, ders, storage):
-    """One step's equality rows (balance P, balance Q, voltage drop) in the step's columns:
+def _step_blocks(blocks: LinDist3FlowBlocks, lay: _Layout, ders, storage, limits: VoltageLimits):
+    """One step's equality rows (balance P, balance Q, voltage drop, line-to-line voltage) in the
+    step's columns:
     (A for load scale 1, A's change per unit of load scale, b at 1, b's change), and the substation
     power row (c, its change, constant, its change)."""
     r = blocks.radial
@@ -218,27 +232,31 @@ def _step_blocks(blocks: LinDist3FlowBlocks, lay: _Layout, ders, storage):
     Tr, Ti, Cr, Ci = blocks.T.real, blocks.T.imag, blocks.C.real, blocks.C.imag
     D, Gs = der_injection_map(r, ders), _incidence(n, storage["node"])   # D complex: delta DERs mix p, q
     Z = lambda r_, c_: sp.csr_matrix((r_, c_))  # noqa: E731
-    nd, ns = D.shape[1], Gs.shape[1]
+    ns = Gs.shape[1]
 
     def rows(H, keep):
         """[balance P; balance Q] rows of the given nodes, in the step's column order."""
         Hr, Hi = H.real[keep], H.imag[keep]
         K = lambda M: M[keep]  # noqa: E731
-        top = sp.hstack([-Hr, K(E - Tr), K(Ti), K(D.real), -K(D.imag), -K(Gs), K(Gs), Z(len(keep), ns)])
+        top = sp.hstack([-Hr, K(E - Tr), K(Ti), K(D.real), -K(D.imag), -K(Gs), K(Gs), Z(len(keep), ns),
+                         Z(len(keep), lay.nl)])
         bot = sp.hstack([-Hi, -K(Ti), K(E - Tr), K(D.imag), K(D.real), Z(len(keep), ns), Z(len(keep), ns),
-                         K(Gs)])
+                         K(Gs), Z(len(keep), lay.nl)])
         return top.tocsr(), bot.tocsr()
 
     top, bot = rows(H1, fn)
     drop = sp.hstack([(E.T - blocks.W), 2 * Cr, -2 * Ci, Z(nf, lay.m - lay.n - 2 * nf)])
-    A = sp.vstack([top, bot, drop]).tocsr()
+    pair = limits.pair
+    ll = sp.hstack([line_to_line_map(r, limits.node[pair], limits.node_to[pair]),
+                    Z(lay.nl, lay.m - n - lay.nl), -sp.identity(lay.nl)])
+    A = sp.vstack([top, bot, drop, ll]).tocsr()
     dtop, dbot = rows(dH, fn)
     # only the v columns change with the load scale
     keep_v = sp.diags(np.r_[np.ones(n), np.zeros(lay.m - n)])
-    dA = sp.vstack([dtop @ keep_v, dbot @ keep_v, sp.csr_matrix(drop.shape)]).tocsr()
+    dA = sp.vstack([dtop @ keep_v, dbot @ keep_v, sp.csr_matrix(drop.shape), sp.csr_matrix(ll.shape)]).tocsr()
     dA.eliminate_zeros()
-    b = np.r_[c1.real[fn], c1.imag[fn], np.zeros(nf)]
-    db = np.r_[dc.real[fn], dc.imag[fn], np.zeros(nf)]
+    b = np.r_[c1.real[fn], c1.imag[fn], np.zeros(nf + lay.nl)]
+    db = np.r_[dc.real[fn], dc.imag[fn], np.zeros(nf + lay.nl)]
     # substation power: s_root = T s + H v + s_const - injections, on the root rows, summed
     sub_p, sub_q = rows(H1, r.root)
     dsub_p, dsub_q = rows(dH, r.root)
@@ -353,11 +371,11 @@ def solve_multiperiod(net: Network, ders: pd.DataFrame | None, storage: pd.DataF
     _check_storage(storage)
     p_avail = _available(ders, pv_shape, T)
     weights = _step_weights(objective, price, dt, T)
-    limited = _limited_nodes(radial, ders, storage, limit_nodes)
+    limits = voltage_limits(radial, _limited_nodes(radial, ders, storage, limit_nodes), vmin, vmax)
 
-    lay = _Layout(radial.n, blocks.n_flows, len(ders), len(storage), T)
-    model = _assemble(blocks, lay, ders, storage, shape, p_avail, weights, objective, dt, vmin, vmax,
-                      polygon_sides, limited)
+    lay = _Layout(radial.n, blocks.n_flows, len(ders), len(storage), T, int(limits.pair.sum()))
+    model = _assemble(blocks, lay, ders, storage, shape, p_avail, weights, objective, dt, polygon_sides,
+                      limits)
     tie = np.zeros(model["n_x"])
     for name in ("pc", "pdis"):
         cols = (np.arange(T)[:, None] * lay.m + np.arange(lay.off[name].start, lay.off[name].stop)).ravel()
@@ -368,7 +386,7 @@ def solve_multiperiod(net: Network, ders: pd.DataFrame | None, storage: pd.DataF
 
     x, status, iters, solve_time = _SOLVE[solver](model, options)
     if status == "infeasible":
-        raise _diagnose_infeasible(model, lay, radial, index, vmin, vmax, solver, options, limited)
+        raise _diagnose_infeasible(model, lay, radial, index, vmin, vmax, solver, options, limits)
     if x is None:
         raise RuntimeError(f"{solver} stopped with status {status!r} on the multi-period LinDist3Flow OPF "
                            f"of {net.name} ({T} steps)")
@@ -405,20 +423,17 @@ def _step_weights(objective, price, dt, T):
 
 def _limited_nodes(r: RadialNetwork, ders, storage, limit_nodes: str) -> np.ndarray:
     """Radial nodes whose voltage is limited (never the fixed source nodes)."""
-    limited = np.ones(r.n, bool)
-    if limit_nodes == "loads":
-        limited[:] = False
-        for k in (r.loads["node_from"].to_numpy(), r.loads["node_to"].to_numpy(),
-                  *der_ends(ders), storage["node"].to_numpy(int)):
-            limited[k[k >= 0]] = True
+    limited = np.ones(r.n, bool) if limit_nodes != "loads" else nodes_mask(
+        r.n, r.loads["node_from"].to_numpy(), r.loads["node_to"].to_numpy(), *der_ends(ders),
+        storage["node"].to_numpy(int))
     limited[r.root] = False
     return limited
 
 
-def _assemble(blocks, lay, ders, storage, shape, p_avail, w, objective, dt, vmin, vmax, sides, limited):
+def _assemble(blocks, lay, ders, storage, shape, p_avail, w, objective, dt, sides, limits):
     """The whole LP (or QP) as sparse matrices and bound vectors."""
     T, ns, r = lay.T, lay.ns, blocks.radial
-    A, dA, b, db, sub = _step_blocks(blocks, lay, ders, storage)
+    A, dA, b, db, sub = _step_blocks(blocks, lay, ders, storage, limits)
     A, dA = _clean(A), _clean(dA)
     for key in ("p", "q", "dp", "dq"):
         sub[key] = np.where(np.abs(sub[key]) < _ROUNDOFF, 0.0, sub[key])
@@ -466,18 +481,17 @@ def _assemble(blocks, lay, ders, storage, shape, p_avail, w, objective, dt, vmin
         L = _loss_hessian(blocks, lay)
         hessian = sp.block_diag([sp.kron(I_T, 2 * dt * L), sp.csr_matrix((n_x - T * lay.m,) * 2)]).tocsc()
 
-    lb, ub = _bounds(lay, r, storage, p_avail, ders, vmin, vmax, n_x, limited)
+    lb, ub = _bounds(lay, r, storage, p_avail, ders, n_x, limits)
     return dict(A=sp.vstack(rows).tocsc(), lo=np.concatenate(lo), hi=np.concatenate(hi), lb=lb, ub=ub,
                 cost=cost, offset=offset, hessian=hessian, c_sub=c_sub.tocsr(), k_sub=k_sub,
                 c_qsub=c_qsub.tocsr(), k_qsub=k_qsub, n_x=n_x, objective=objective)
 
 
-def _bounds(lay, r: RadialNetwork, storage, p_avail, ders, vmin, vmax, n_x, limited):
+def _bounds(lay, r: RadialNetwork, storage, p_avail, ders, n_x, limits: VoltageLimits):
     T, m, off = lay.T, lay.m, lay.off
     lb, ub = np.full((T, m), -np.inf), np.full((T, m), np.inf)
-    v_lo, v_hi = np.where(limited, vmin ** 2, 0.0), np.where(limited, vmax ** 2, np.inf)
-    v_lo[r.root] = v_hi[r.root] = r.v_root
-    lb[:, off["v"]], ub[:, off["v"]] = v_lo, v_hi
+    lb[:, off["v"]], ub[:, off["v"]] = limits.node_bounds(r)
+    lb[:, off["vll"]], ub[:, off["vll"]] = limits.lo[limits.pair], limits.hi[limits.pair]
     s_der = ders["s_rated"].to_numpy(float)
     lb[:, off["pd"]], ub[:, off["pd"]] = 0.0, np.minimum(p_avail, s_der)
     lb[:, off["qd"]], ub[:, off["qd"]] = -s_der, s_der
@@ -554,11 +568,13 @@ def _solve_highs(model, options):
 
 
 def _diagnose_infeasible(model, lay, radial, index, vmin, vmax, solver, options,
-                         limited) -> OPFInfeasibleError:
+                         limits: VoltageLimits) -> OPFInfeasibleError:
     """Re-solve with the voltage limits made elastic (the only constraints that can exclude the idle
     point: DERs at zero and batteries holding their charge are always feasible) and name the worst."""
     T, m = lay.T, lay.m
-    nonroot = np.flatnonzero(limited)                  # the limited nodes (the source is never one)
+    g = ~limits.pair                                   # step columns of every limited quantity
+    nonroot = np.r_[limits.node[g], lay.off["vll"].start + np.arange(lay.nl)]
+    names = np.r_[limits.names[g], limits.names[limits.pair]]
     vcols = (np.arange(T)[:, None] * m + nonroot[None, :]).ravel()
     k = vcols.size
     lb, ub = model["lb"].copy(), model["ub"].copy()
@@ -583,7 +599,7 @@ def _diagnose_infeasible(model, lay, radial, index, vmin, vmax, solver, options,
     v = np.sqrt(x[vcols].reshape(T, len(nonroot))[j])
     return OPFInfeasibleError(
         f"voltage limits [{vmin}, {vmax}] pu cannot be met: the least violation still has "
-        f"|V| = {v:.4f} pu at node {radial.nodes[nonroot[j[1]]]} at hour {index[j[0]]} "
+        f"|V| = {v:.4f} pu at node {names[j[1]]} at hour {index[j[0]]} "
         f"({int((s.max(axis=0) > 1e-7).any(axis=1).sum())} of {T} steps violate)")
 
 

@@ -13,8 +13,8 @@ for every load pair that is not wye to ground (delta, line to line), and the DER
                              (a line draws N_b^H I_b, a transformer A_b V_parent + B_b V_c)
     load_pair[l, p|q]        w_l conj(J_l) = P_l F^p_l(|w_l|^2) + j Q_l F^q_l(|w_l|^2)
                              w_l = (g_f V_f - g_t V_t) / v_l
-    voltage_lower[k]         |V_k|^2 >= vmin^2        (limited nodes: OPFProblem.voltage_bounds)
-    voltage_upper[k]         |V_k|^2 <= vmax^2
+    voltage_lower[j]         |V_k|^2 >= vmin^2        (OPFProblem.voltage_limits: phase to ground, or
+    voltage_upper[j]         |V_k|^2 <= vmax^2         |V_k - V_l|^2 / 3 on an ungrounded island's bus)
     der_rating[g]            p_g^2 + q_g^2 <= s_g^2,   0 <= p_g <= p^avail_g  (variable bounds)
     der_pair[g, p|q]         (V_f - V_t) conj(K_g) = p_g + j q_g    (line-to-line DERs)
 
@@ -324,16 +324,21 @@ def _loads(m, radial: RadialNetwork, load_scale: float) -> tuple[dict, dict]:
 
 
 def _limits(m, problem: OPFProblem, elastic: bool) -> None:
-    lo, hi = problem.voltage_bounds()                    # shared with every formulation
-    limited = [k for k in m.nonroot if np.isfinite(hi[k])]
+    lim = problem.voltage_limits()                       # shared with every formulation
+    limited, lo, hi = list(range(len(lim))), lim.lo, lim.hi
+    f, t = lim.node, lim.node_to
+    m.v_limited = pyo.Expression(limited, rule=lambda m, j: m.v[f[j]] if t[j] < 0 else (
+        (m.Vr[f[j]] - m.Vr[t[j]]) ** 2 + (m.Vi[f[j]] - m.Vi[t[j]]) ** 2) / 3)
     s2 = problem.ders["s_rated"].to_numpy(float) ** 2
     if elastic:
         for fam in ELASTIC:
             index = m.ders if fam == "der_rating" else limited
             m.add_component(f"slack_{fam}", pyo.Var(index, bounds=(0, None), initialize=0.0))
     slack = (lambda fam, k: getattr(m, f"slack_{fam}")[k]) if elastic else (lambda fam, k: 0)
-    m.voltage_lower = pyo.Constraint(limited, rule=lambda m, k: m.v[k] + slack("voltage_lower", k) >= lo[k])
-    m.voltage_upper = pyo.Constraint(limited, rule=lambda m, k: m.v[k] - slack("voltage_upper", k) <= hi[k])
+    m.voltage_lower = pyo.Constraint(limited, rule=lambda m, j: (
+        m.v_limited[j] + slack("voltage_lower", j) >= lo[j]))
+    m.voltage_upper = pyo.Constraint(limited, rule=lambda m, j: (
+        m.v_limited[j] - slack("voltage_upper", j) <= hi[j]))
     m.der_rating = pyo.Constraint(m.ders, rule=lambda m, g: (
         m.p[g] ** 2 + m.q[g] ** 2 - slack("der_rating", g) <= s2[g]))
 
@@ -490,15 +495,15 @@ def _loads_outside_band(radial: RadialNetwork, V: np.ndarray) -> list[str]:
 
 # ------------------------------------------------------------------------------------- diagnosis
 _MEANING = {
-    "voltage_lower": "|V|^2 >= vmin^2",
-    "voltage_upper": "|V|^2 <= vmax^2",
+    "voltage_lower": "|V|^2 >= vmin^2, line to line |V_ab|^2 / 3 on ungrounded islands",
+    "voltage_upper": "|V|^2 <= vmax^2, line to line |V_ab|^2 / 3 on ungrounded islands",
     "der_rating": "p^2 + q^2 <= s_rated^2",
 }
 
 
 def _diagnose(problem: OPFProblem, solver, tol, options, warm_start, message, regimes=None) -> Exception:
     """Re-solve with slacks on the limit families; name the family that needed them."""
-    radial, name = problem.radial, problem.network.name
+    name, limit_names = problem.network.name, problem.voltage_limits().names
     m = build_nlp(problem, elastic=True, regimes=regimes)
     initialize(m, problem, warm_start)
     tc, msg2, *_ = _run_ipopt(m, solver, tol, {"max_iter": 500, **options})   # bounded diagnosis
@@ -516,10 +521,9 @@ def _diagnose(problem: OPFProblem, solver, tol, options, warm_start, message, re
         vals = {k: pyo.value(slack[k]) for k in slack}
         bad = {k: v for k, v in vals.items() if v > SLACK_TOL}
         if bad:
-            label = (lambda k: radial.nodes[k]) if fam != "der_rating" else \
-                (lambda k: problem.ders["name"].iloc[k])
+            labels = problem.ders["name"].to_numpy() if fam == "der_rating" else limit_names
             worst = sorted(bad, key=bad.get, reverse=True)[:5]
-            found.append((sum(bad.values()), fam, len(bad), max(bad.values()), [label(k) for k in worst]))
+            found.append((sum(bad.values()), fam, len(bad), max(bad.values()), [labels[k] for k in worst]))
     if not found:
         return OPFInfeasibleError(
             f"{head} An elastic re-solve needed no slack, so the model is feasible and the failure is "

@@ -41,22 +41,26 @@ class OPFProblem:
         if self.limit_nodes not in ("loads", "all"):
             raise ValueError(f"limit_nodes must be 'loads' or 'all', not {self.limit_nodes!r}")
 
-    def voltage_bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        """Bounds on the squared voltage magnitude of every radial node (roots fixed)."""
+    def limited_nodes(self) -> np.ndarray:
+        """Radial nodes where ``limit_nodes`` puts a limit (never the fixed source nodes)."""
         r = self.radial
-        limited = np.ones(r.n, bool)
-        if self.limit_nodes == "loads":
-            limited[:] = False
-            ld = r.loads
-            for col in ("node_from", "node_to"):
-                k = ld[col].to_numpy()
-                limited[k[k >= 0]] = True
-            for k in der_ends(self.ders):
-                limited[k[k >= 0]] = True
-        lo = np.where(limited, self.vmin**2, 0.0)
-        hi = np.where(limited, self.vmax**2, np.inf)
-        lo[r.root] = hi[r.root] = r.v_root
-        return lo, hi
+        if self.limit_nodes == "all":
+            limited = np.ones(r.n, bool)
+        else:
+            ends = (r.loads["node_from"].to_numpy(), r.loads["node_to"].to_numpy(), *der_ends(self.ders))
+            limited = nodes_mask(r.n, *ends)
+        limited[r.root] = False
+        return limited
+
+    def voltage_limits(self) -> VoltageLimits:
+        """Every limited voltage: phase to ground, or line to line on ungrounded islands."""
+        return voltage_limits(self.radial, self.limited_nodes(), self.vmin, self.vmax)
+
+    def voltage_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bounds on the squared voltage magnitude of every radial node: the phase-to-ground limits of
+        :meth:`voltage_limits` (none on the nodes of an ungrounded island, limited line to line), the
+        roots fixed."""
+        return self.voltage_limits().node_bounds(self.radial)
 
     @property
     def radial(self) -> RadialNetwork:
@@ -65,6 +69,64 @@ class OPFProblem:
     @property
     def n_ders(self) -> int:
         return len(self.ders)
+
+
+@dataclass
+class VoltageLimits:
+    """Limits on squared voltage magnitudes (pu^2): ``|V_f|^2`` where ``node_to`` is -1, else the
+    line-to-line ``|V_f - V_t|^2 / 3`` (per unit of sqrt(3) x the phase base).
+
+    On an ungrounded island (IEEE 37 behind its delta-delta substation transformer, IEEE 123's bus
+    610) a phase-to-ground voltage rests on ppm admittances to ground, and what customers' delta
+    loads see is line to line; so a limited bus there is limited on every pair of its phases."""
+    node: np.ndarray
+    node_to: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    names: np.ndarray
+
+    @property
+    def pair(self) -> np.ndarray:
+        return self.node_to >= 0
+
+    def __len__(self) -> int:
+        return len(self.node)
+
+    def node_bounds(self, radial: RadialNetwork) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi) per radial node: the phase-to-ground limits, the roots fixed, others free."""
+        lo, hi = np.zeros(radial.n), np.full(radial.n, np.inf)
+        g = ~self.pair
+        lo[self.node[g]], hi[self.node[g]] = self.lo[g], self.hi[g]
+        lo[radial.root] = hi[radial.root] = radial.v_root
+        return lo, hi
+
+    def squared(self, V: np.ndarray) -> np.ndarray:
+        """The limited quantities at complex node voltages ``V`` (radial numbering)."""
+        to = np.where(self.pair, V[np.maximum(self.node_to, 0)], 0)
+        return np.abs(V[self.node] - to) ** 2 / np.where(self.pair, 3.0, 1.0)
+
+
+def voltage_limits(radial: RadialNetwork, limited: np.ndarray, vmin: float, vmax: float) -> VoltageLimits:
+    """``vmin..vmax`` on the ``limited`` nodes: phase to ground on grounded nodes, on every phase
+    pair of a limited bus of an ungrounded island (:meth:`RadialNetwork.floating_pairs`)."""
+    k, m = radial.floating_pairs()
+    ground = np.flatnonzero(limited & ~nodes_mask(radial.n, k, m))
+    bus = pd.Series(radial.nodes.str.rsplit(".", n=1).str[0])
+    bus_limited = bus.map(pd.Series(limited).groupby(bus).any()).to_numpy()
+    k, m = k[bus_limited[k]], m[bus_limited[k]]
+    node = np.concatenate([ground, k])
+    names = np.concatenate([np.asarray(radial.nodes[ground]), radial.pair_names(k, m)])
+    return VoltageLimits(node=node, node_to=np.concatenate([np.full(len(ground), -1), m]),
+                         lo=np.full(len(node), vmin**2), hi=np.full(len(node), vmax**2), names=names)
+
+
+def nodes_mask(n: int, *index_arrays) -> np.ndarray:
+    """Boolean mask of the nodes named in any of the arrays (-1 entries ignored)."""
+    mask = np.zeros(n, bool)
+    for k in index_arrays:
+        k = np.asarray(k, int)
+        mask[k[k >= 0]] = True
+    return mask
 
 
 def der_table(net: Network, nodes, s_rated_kva, p_avail_kw=None, cost=1.0, names=None) -> pd.DataFrame:
