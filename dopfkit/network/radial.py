@@ -79,12 +79,16 @@ class RadialNetwork:
     def floating_island(self) -> np.ndarray:
         """Per node, the floating-secondary branch whose island (the nodes it feeds, through lines and
         ungrounded banks such as IEEE 37's open-delta regulators, down to the next transformer that
-        grounds its secondary) the node is in; -1 on grounded nodes."""
-        island = np.full(self.n, -1)
-        for b, br in enumerate(self.branches):           # breadth-first: parents come first
-            grounds = br.Y is not None and _grounds_child(br)
-            island[br.child] = b if br.floating else -1 if grounds else island[br.parent[0]]
-        return island
+        grounds its secondary) the node is in; -1 on grounded nodes. Pure topology: computed once
+        (every formulation's limits and error check ask for it)."""
+        if getattr(self, "_island", None) is None:
+            island = np.full(self.n, -1)
+            for b, br in enumerate(self.branches):       # breadth-first: parents come first
+                grounds = br.Y is not None and _grounds_child(br)
+                island[br.child] = b if br.floating else -1 if grounds else island[br.parent[0]]
+            island.setflags(write=False)
+            self._island = island
+        return self._island
 
     def floating_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """Every pair ``(k, m)`` of phase nodes of one bus on an ungrounded island (its line-to-line

@@ -111,9 +111,10 @@ def voltage_limits(radial: RadialNetwork, limited: np.ndarray, vmin: float, vmax
     pair of a limited bus of an ungrounded island (:meth:`RadialNetwork.floating_pairs`)."""
     k, m = radial.floating_pairs()
     ground = np.flatnonzero(limited & ~nodes_mask(radial.n, k, m))
-    bus = pd.Series(radial.nodes.str.rsplit(".", n=1).str[0])
-    bus_limited = bus.map(pd.Series(limited).groupby(bus).any()).to_numpy()
-    k, m = k[bus_limited[k]], m[bus_limited[k]]
+    if k.size:                                           # a pair is limited if any node of its bus is
+        bus = pd.Series(radial.nodes.str.rsplit(".", n=1).str[0])
+        bus_limited = bus.map(pd.Series(limited).groupby(bus).any()).to_numpy()
+        k, m = k[bus_limited[k]], m[bus_limited[k]]
     node = np.concatenate([ground, k])
     names = np.concatenate([np.asarray(radial.nodes[ground]), radial.pair_names(k, m)])
     return VoltageLimits(node=node, node_to=np.concatenate([np.full(len(ground), -1), m]),
