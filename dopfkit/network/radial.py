@@ -21,7 +21,7 @@ split-phase secondary with no special case.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -103,6 +103,19 @@ class RadialNetwork:
         """``"701.1.2"`` for the pair of nodes 701.1 and 701.2."""
         return np.array([f"{self.nodes[a]}.{self.nodes[b].rsplit('.', 1)[1]}" for a, b in zip(k, m)],
                         dtype=object)
+
+    def forward_voltages(self, current: np.ndarray) -> np.ndarray:
+        """Complex node voltages from the source down, ``V_j = N V_i - Z I_j``, given the current
+        ``I_j`` each branch delivers into each non-root node (a forward sweep)."""
+        V = np.zeros(self.n, complex)
+        V[self.root] = np.sqrt(self.v_root) * self.alpha[self.root]
+        for br in self.branches:                         # parents first
+            V[br.child] = br.N @ V[br.parent] - br.Z @ current[br.child]
+        return V
+
+    def with_angles(self, alpha: np.ndarray) -> RadialNetwork:
+        """The same network with its linear models' reference angles moved to ``alpha``."""
+        return replace(self, alpha=np.asarray(alpha, complex))
 
     def __repr__(self) -> str:
         return (f"RadialNetwork({self.network.name!r}: {self.n} nodes, {len(self.branches)} branches, "

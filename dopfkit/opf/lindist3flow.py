@@ -23,7 +23,7 @@ Balance at every node: ``s_in = T s_children + H v + s_const - s_der``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -47,11 +47,40 @@ class LinDist3FlowBlocks:
     # load scaling is kept apart so a time series or scenario only rescales two arrays
     H_scalable: sp.csr_matrix
     s_const_scalable: np.ndarray
+    Z: sp.csr_matrix            # (flows x flows) complex: series impedance of the branch phases
+    # series losses, constant (held at an operating point's by relinearized; None: the paper's
+    # lossless model): power the parents draw on top of T s, and the drop's second-order term
+    s_loss: np.ndarray | None = None      # (nodes,) complex
+    drop_loss: np.ndarray | None = None   # (flows,) real
 
     def load_terms(self, load_scale=1.0) -> tuple[sp.csr_matrix, np.ndarray]:
         """(H, s_const) with scalable loads multiplied by ``load_scale`` (a scalar)."""
         return self.H + (load_scale - 1) * self.H_scalable, \
             self.s_const + (load_scale - 1) * self.s_const_scalable
+
+    def loss_terms(self) -> tuple[np.ndarray, np.ndarray]:
+        """(s_loss per node, drop_loss per flow), zeros for the lossless model."""
+        return (np.zeros(self.n_nodes, complex) if self.s_loss is None else self.s_loss,
+                np.zeros(self.n_flows) if self.drop_loss is None else self.drop_loss)
+
+    def relinearized(self, v: np.ndarray, s: np.ndarray, angles: bool = True) -> LinDist3FlowBlocks:
+        """The model linearized at an operating point of its own (squared voltages ``v``, flows
+        ``s``) instead of at no load: the series losses it drops are held at that point's values,
+        and with ``angles`` the reference angles move to that point's (a forward sweep of its
+        currents), so delta shares, drops and line-to-line voltages see the phase imbalance.
+
+        With ``I = conj(s / V)`` and ``V = sqrt(v) alpha`` on each flow's node, a branch phase's
+        sending end carries ``s + (Z I) conj(I)`` and ``|V_j|^2 = |N V_i|^2 - 2 Re(conj(V_j) Z I) -
+        |Z I|^2``; the linear model keeps the middle term only."""
+        r, fn = self.radial, self.flow_node
+        current = np.zeros(r.n, complex)
+        current[fn] = np.conj(s / (np.sqrt(np.maximum(v[fn], 1e-6)) * r.alpha[fn]))
+        blocks = self
+        if angles:
+            V = r.forward_voltages(current)
+            blocks = lindist3flow_blocks(r.with_angles(V / np.abs(V)))
+        zi = blocks.Z @ current[fn]
+        return replace(blocks, s_loss=blocks.T @ (zi * np.conj(current[fn])), drop_loss=np.abs(zi) ** 2)
 
     @property
     def n_nodes(self) -> int:
@@ -67,13 +96,14 @@ def lindist3flow_blocks(radial: RadialNetwork) -> LinDist3FlowBlocks:
     flow_node = np.setdiff1d(np.arange(n), radial.root)
     flow_of = np.full(n, -1)
     flow_of[flow_node] = np.arange(len(flow_node))
-    W, C, T = BlockTriplets(), BlockTriplets(), BlockTriplets()
+    W, C, T, Zf = BlockTriplets(), BlockTriplets(), BlockTriplets(), BlockTriplets()
     for br in radial.branches:
         ai, aj = alpha[br.parent], alpha[br.child]
         x = br.N @ ai
         fj = flow_of[br.child]
         W.add(fj, br.parent, (np.conj(x)[:, None] * br.N * ai[None, :]).real)
         C.add(fj, fj, np.outer(aj, np.conj(aj)) * np.conj(br.Z))
+        Zf.add(fj, fj, br.Z)
         T.add(br.parent, fj, (ai[:, None] * br.N.T) / x[None, :])
     nf = len(flow_node)
     H_load, s_load, H_scal, s_scal = _load_terms(radial)
@@ -81,7 +111,7 @@ def lindist3flow_blocks(radial: RadialNetwork) -> LinDist3FlowBlocks:
         radial=radial, flow_node=flow_node,
         W=W.matrix((nf, n), real=True), C=C.matrix((nf, nf)), T=T.matrix((n, nf)),
         H=(H_load + _shunt_term(radial)).tocsr(), s_const=s_load,
-        H_scalable=H_scal, s_const_scalable=s_scal)
+        H_scalable=H_scal, s_const_scalable=s_scal, Z=Zf.matrix((nf, nf)))
 
 
 class BlockTriplets:
@@ -188,7 +218,9 @@ def lindist3flow_powerflow(blocks: LinDist3FlowBlocks, load_scale=1.0,
     # unknowns [v (all nodes), P, Q]; root voltages moved to the right-hand side afterwards
     A = sp.bmat([[-Hr, E - Tr, Ti], [-Hi, -Ti, E - Tr],
                  [sp.csr_matrix(E.T) - blocks.W, 2 * Cr, -2 * Ci]], format="csr")
-    b = np.concatenate([s_const.real, s_const.imag, np.zeros(nf)])
+    s_loss, drop_loss = blocks.loss_terms()
+    s_const = s_const + s_loss
+    b = np.concatenate([s_const.real, s_const.imag, -drop_loss])
     rows = np.concatenate([fn, n + fn, 2 * n + np.arange(nf)])
     cols_v = fn
     cols = np.concatenate([cols_v, n + np.arange(2 * nf)])
@@ -198,7 +230,7 @@ def lindist3flow_powerflow(blocks: LinDist3FlowBlocks, load_scale=1.0,
     v[r.root], v[fn] = r.v_root, x[:len(fn)]
     P, Q = x[len(fn):len(fn) + nf], x[len(fn) + nf:]
     s = P + 1j * Q
-    s_root = (blocks.T @ s + H @ v + s_const)[r.root]
+    s_root = (blocks.T @ s + H @ v + s_const)[r.root]            # s_const includes the losses
     return LinearPowerFlow(v=v, s=s, s_root=s_root)
 
 
@@ -242,6 +274,8 @@ def lindist3flow_lp(problem, blocks: LinDist3FlowBlocks | None = None):
     cos, sin, shrink = capability_polygon(generator=True)
     n, nf, nr, nd, K = r.n, b_.n_flows, len(r.root), len(ders), len(cos)
     H, s_const = b_.load_terms(problem.load_scale)
+    s_loss, drop_loss = b_.loss_terms()
+    s_const = s_const + s_loss
     fn = b_.flow_node
     E = sp.csr_matrix((np.ones(nf), (fn, np.arange(nf))), shape=(n, nf))
     R = sp.csr_matrix((np.ones(nr), (r.root, np.arange(nr))), shape=(n, nr))
@@ -262,7 +296,7 @@ def lindist3flow_lp(problem, blocks: LinDist3FlowBlocks | None = None):
         [L, Z(nl, nf), Z(nl, nf), Z(nl, nr), Z(nl, nr), Z(nl, nd), Z(nl, nd), Z(nl, nd * K), -sp.eye(nl)]],
         format="csr")
     s_rated = ders["s_rated"].to_numpy()
-    b = np.concatenate([s_const.real, s_const.imag, np.zeros(nf),
+    b = np.concatenate([s_const.real, s_const.imag, -drop_loss,
                         np.repeat(s_rated * shrink, K), np.zeros(nl)])
     sizes = {"v": n, "P": nf, "Q": nf, "p_src": nr, "q_src": nr, "p_der": nd, "q_der": nd, "slack": nd * K,
              "v_ll": nl}
@@ -334,32 +368,34 @@ def _flow_resistance(blocks: LinDist3FlowBlocks) -> np.ndarray:
     return r
 
 
-def solve_lindist3flow(problem, backend: str = "highs", solver: str | None = None):
+def solve_lindist3flow(problem, backend: str = "highs", solver: str | None = None, relinearize: int = 0,
+                       angles: bool = True):
     """Solve the LinDist3Flow OPF: ``backend="highs"`` passes the standard form to highspy in one
     call (Clarabel's direct API for the quadratic objectives); ``"cvxpy"`` builds the same model in
-    CVXPY with named constraint families."""
+    CVXPY with named constraint families.
+
+    ``relinearize=k`` re-solves ``k`` more times, each time with the model linearized at the previous
+    solution (its series losses and, with ``angles``, its phase angles;
+    :meth:`LinDist3FlowBlocks.relinearized`): a sequential LP. ``k = 0`` is the paper's model,
+    lossless and at the no-load angles."""
     import time
 
     from dopfkit.opf.problem import FormulationSolution
     t0 = time.perf_counter()
-    lp = lindist3flow_lp(problem)
-    build = time.perf_counter() - t0
-    if backend == "highs":
-        from dopfkit.opf.standard_form import solve_clarabel, solve_highs
-        # large LPs: HiGHS's interior point (with crossover) beats its simplex by ~2x on IEEE 8500
-        opts = {"solver": "ipm"} if lp.A.shape[1] > IPM_ABOVE else {}
-        sol = solve_highs(lp, **opts) if lp.Q is None else solve_clarabel(lp)    # QPs: see solve_clarabel
-        name = "highs" if lp.Q is None else "clarabel"
-        x, status, iters, solve_t = sol.x, sol.status, sol.iterations, sol.solve_time
-        ok = status == "Optimal"
-    elif backend == "cvxpy":
-        x, status, solve_t, name, t_build = _solve_cvxpy(lp, solver)
-        build += t_build
-        iters, ok = None, status == "optimal"
-    else:
-        raise ValueError(f"backend must be 'highs' or 'cvxpy', not {backend!r}")
-    if not ok:
-        _raise_infeasible(problem, lp, status)
+    blocks = lindist3flow_blocks(problem.radial)
+    lp = lindist3flow_lp(problem, blocks)
+    build, solve_t = time.perf_counter() - t0, 0.0
+    for npass in range(relinearize + 1):
+        if npass:
+            t0 = time.perf_counter()
+            s = lp.block(x, "P") + 1j * lp.block(x, "Q")
+            blocks = blocks.relinearized(lp.block(x, "v"), s, angles)
+            lp = lindist3flow_lp(problem, blocks)
+            build += time.perf_counter() - t0
+        x, status, name, iters, t_solve, t_model = _solve_standard_form(lp, backend, solver)
+        solve_t, build = solve_t + t_solve, build + t_model
+        if status.lower() != "optimal":
+            _raise_infeasible(problem, lp, status)
     v = lp.block(x, "v")
     root = problem.radial.root
     return FormulationSolution(
@@ -367,7 +403,23 @@ def solve_lindist3flow(problem, backend: str = "highs", solver: str | None = Non
         p_der=lp.block(x, "p_der"), q_der=lp.block(x, "q_der"),
         s_root=lp.block(x, "p_src") + 1j * lp.block(x, "q_src"), build_time=build,
         solve_time=solve_t, solver=name, iterations=iters,
-        extra={"lp_shape": lp.shape, "violation": lp.violation(x), "v_root_check": v[root]})
+        extra={"lp_shape": lp.shape, "violation": lp.violation(x), "v_root_check": v[root],
+               "relinearize": relinearize, "V": np.sqrt(np.maximum(v, 0)) * blocks.radial.alpha})
+
+
+def _solve_standard_form(lp, backend: str, solver: str | None):
+    """(x, status, solver name, iterations, solve seconds, modelling-layer build seconds)."""
+    if backend == "highs":
+        from dopfkit.opf.standard_form import solve_clarabel, solve_highs
+        # large LPs: HiGHS's interior point (with crossover) beats its simplex by ~2x on IEEE 8500
+        opts = {"solver": "ipm"} if lp.A.shape[1] > IPM_ABOVE else {}
+        sol = solve_highs(lp, **opts) if lp.Q is None else solve_clarabel(lp)    # QPs: see solve_clarabel
+        return sol.x, sol.status, "highs" if lp.Q is None else "clarabel", sol.iterations, \
+            sol.solve_time, 0.0
+    if backend == "cvxpy":
+        x, status, solve_t, name, t_build = _solve_cvxpy(lp, solver)
+        return x, status, name, None, solve_t, t_build
+    raise ValueError(f"backend must be 'highs' or 'cvxpy', not {backend!r}")
 
 
 def _solve_cvxpy(lp, solver: str | None):
