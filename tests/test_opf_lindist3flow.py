@@ -4,8 +4,15 @@ import pytest
 
 import dopfkit as dk
 from dopfkit.network.radial import radial_network
-from dopfkit.opf import _source_power
-from dopfkit.opf import OPFInfeasibleError, OPFProblem, der_table, pv_sites, solve_opf, voltage_errors
+from dopfkit.opf import (
+    OPFInfeasibleError,
+    OPFProblem,
+    _source_power,
+    der_table,
+    pv_sites,
+    solve_opf,
+    voltage_errors,
+)
 from dopfkit.opf.lindist3flow import (
     lindist3flow_blocks,
     lindist3flow_lp,

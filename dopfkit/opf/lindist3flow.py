@@ -381,17 +381,17 @@ def solve_lindist3flow(problem, backend: str = "highs", solver: str | None = Non
     import time
 
     from dopfkit.opf.problem import FormulationSolution
-    t0 = time.perf_counter()
-    blocks = lindist3flow_blocks(problem.radial)
-    lp = lindist3flow_lp(problem, blocks)
-    build, solve_t = time.perf_counter() - t0, 0.0
-    for npass in range(relinearize + 1):
-        if npass:
-            t0 = time.perf_counter()
+    build = solve_t = 0.0
+    blocks = lp = x = None
+    for _ in range(relinearize + 1):
+        t0 = time.perf_counter()
+        if lp is None:
+            blocks = lindist3flow_blocks(problem.radial)
+        else:
             s = lp.block(x, "P") + 1j * lp.block(x, "Q")
             blocks = blocks.relinearized(lp.block(x, "v"), s, angles)
-            lp = lindist3flow_lp(problem, blocks)
-            build += time.perf_counter() - t0
+        lp = lindist3flow_lp(problem, blocks)
+        build += time.perf_counter() - t0
         x, status, name, iters, t_solve, t_model = _solve_standard_form(lp, backend, solver)
         solve_t, build = solve_t + t_solve, build + t_model
         if status.lower() != "optimal":
