@@ -10,8 +10,10 @@ Lines have ``N = I``. A transformer's ``N`` and ``Z`` come from its per-unit pri
 ``[[A, B], [C, D]]`` (parent, child): ``Z = D^-1`` and ``N = -D^-1 C``. That is exact for any winding
 connection whose child side is grounded (wye-grounded, split-phase service); on a floating child
 (ungrounded delta, open-delta regulators) ``D`` has no zero-sequence path and the pseudo-inverse keeps
-the positive and negative sequences only (reported as an approximation). Magnetizing branches are
-left out (reported when present).
+the positive and negative sequences only (reported as an approximation). A transformer's no-load
+(core-loss and magnetizing) admittance is part of its primitive, so ``N`` and ``Z`` keep it; models
+that draw power from the parent through ``N`` alone (lossless LinDist3Flow, the SOCP/SDP lift) leave
+its power out (reported when present), :meth:`RadialNetwork.sending_power` does not.
 
 Every node also carries ``alpha``, the unit phasor of its no-load voltage (the network energized with
 no load). Linear models assume the voltages keep these angles; taking them from the no-load solution
@@ -112,6 +114,20 @@ class RadialNetwork:
         for br in self.branches:                         # parents first
             V[br.child] = br.N @ V[br.parent] - br.Z @ current[br.child]
         return V
+
+    def sending_power(self, V: np.ndarray, current: np.ndarray) -> np.ndarray:
+        """Complex power the branches draw from their parent nodes, given the node voltages and the
+        currents delivered into the children: ``V_i conj(I_j)`` on a line, ``V_i conj(A V_i + B V_j)``
+        from a two-port's primitive ``[[A, B], [C, D]]``."""
+        drawn = np.zeros(self.n, complex)
+        for br in self.branches:
+            if br.Y is None:
+                i_parent = current[br.child]
+            else:
+                m = len(br.parent)
+                i_parent = br.Y[:m, :m] @ V[br.parent] + br.Y[:m, m:] @ V[br.child]
+            np.add.at(drawn, br.parent, V[br.parent] * np.conj(i_parent))
+        return drawn
 
     def with_angles(self, alpha: np.ndarray) -> RadialNetwork:
         """The same network with its linear models' reference angles moved to ``alpha``."""
@@ -314,7 +330,8 @@ def _transformer_branches(net: Network, pos: np.ndarray, approx: list) -> list[R
         out.append(br)
     for t in net.feeder.transformers:
         if t.pct_imag > 0 or t.pct_noloadloss > 0:
-            approx.append(("transformer." + t.name, "magnetizing branch left out"))
+            approx.append(("transformer." + t.name, "no-load branch: in N and Z, its power left out of "
+                           "a parent draw through N"))
     return out
 
 

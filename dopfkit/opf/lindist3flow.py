@@ -65,22 +65,27 @@ class LinDist3FlowBlocks:
 
     def relinearized(self, v: np.ndarray, s: np.ndarray, angles: bool = True) -> LinDist3FlowBlocks:
         """The model linearized at an operating point of its own (squared voltages ``v``, flows
-        ``s``) instead of at no load: the series losses it drops are held at that point's values,
-        and with ``angles`` the reference angles move to that point's (a forward sweep of its
-        currents), so delta shares, drops and line-to-line voltages see the phase imbalance.
+        ``s``) instead of at no load: the losses it drops are held at that point's values, and with
+        ``angles`` the reference angles move to that point's, so delta shares, drops and
+        line-to-line voltages see the phase imbalance.
 
-        With ``I = conj(s / V)`` and ``V = sqrt(v) alpha`` on each flow's node, a branch phase's
-        sending end carries ``s + (Z I) conj(I)`` and ``|V_j|^2 = |N V_i|^2 - 2 Re(conj(V_j) Z I) -
-        |Z I|^2``; the linear model keeps the middle term only."""
+        With ``I = conj(s / V)`` and ``V = sqrt(v) alpha`` on each flow's node, a forward sweep
+        (``V_j = N V_i - Z I_j``) gives the point's phasors. Each branch then draws what it draws
+        there from its parent, on top of the lossless ``T s``: ``(Z I) conj(I)`` on a line, and from
+        the two-port's own admittance on a transformer (its series losses and its core loss and
+        magnetizing power, which ``T``, power-conserving, leaves out). The drop keeps its
+        second-order term: ``|V_j|^2 = |N V_i|^2 - 2 Re(conj(V_j) Z I) - |Z I|^2``."""
         r, fn = self.radial, self.flow_node
         current = np.zeros(r.n, complex)
         current[fn] = np.conj(s / (np.sqrt(np.maximum(v[fn], 1e-6)) * r.alpha[fn]))
-        blocks = self
-        if angles:
-            V = r.forward_voltages(current)
-            blocks = lindist3flow_blocks(r.with_angles(V / np.abs(V)))
+        V = r.forward_voltages(current)
+        blocks = lindist3flow_blocks(r.with_angles(V / np.abs(V))) if angles else self
         zi = blocks.Z @ current[fn]
-        return replace(blocks, s_loss=blocks.T @ (zi * np.conj(current[fn])), drop_loss=np.abs(zi) ** 2)
+        # what the branches lose at that point: drawn from the parents minus T (received), both
+        # from the sweep's own phasors (the linear model's voltages would mix in its error)
+        received = V[fn] * np.conj(current[fn])
+        lost = r.sending_power(V, current) - blocks.T @ received
+        return replace(blocks, s_loss=lost, drop_loss=np.abs(zi) ** 2)
 
     @property
     def n_nodes(self) -> int:
