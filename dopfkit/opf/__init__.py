@@ -104,7 +104,7 @@ def check_against_powerflow(problem: OPFProblem, solution: FormulationSolution, 
         V_model = np.sqrt(np.maximum(solution.v, 0)) * r.alpha
     V_exact = np.zeros(r.n, complex)
     V_exact[keep] = pf.V[r.net_index[keep]]
-    p_sub_exact = _source_power(pf)
+    p_sub_exact = source_power(pf)
     limits = problem.voltage_limits()                    # line to line on ungrounded islands
     u = np.sqrt(limits.squared(V_exact))
     return pf, {
@@ -140,7 +140,7 @@ def voltage_errors(radial: RadialNetwork, V_model: np.ndarray, V_exact: np.ndarr
             "max_ground_error_pu": float(ground.max()), "floating_nodes": int(floating.sum())}
 
 
-def _source_power(pf) -> float:
+def source_power(pf) -> float:
     """kW the sources' EMFs deliver in the exact solution, E conj(I) with I = Y_s (E - V): measured
     where every formulation measures ``s_root`` (behind the Thevenin impedance), so the two compare."""
     net = pf.network
