@@ -20,6 +20,9 @@ one feeding branch phase). With the voltages assumed to keep their no-load angle
 * shunts (line charging, capacitors) draw ``diag(V conj(Y V))``, linear in ``v`` at those angles.
 
 Balance at every node: ``s_in = T s_children + H v + s_const - s_der``.
+
+:meth:`LinDist3FlowBlocks.relinearized` moves the linearization from no load to an operating point of
+the model's own (losses held constant, angles moved): re-solving from it is a sequential LP.
 """
 from __future__ import annotations
 
@@ -48,8 +51,9 @@ class LinDist3FlowBlocks:
     H_scalable: sp.csr_matrix
     s_const_scalable: np.ndarray
     Z: sp.csr_matrix            # (flows x flows) complex: series impedance of the branch phases
-    # series losses, constant (held at an operating point's by relinearized; None: the paper's
-    # lossless model): power the parents draw on top of T s, and the drop's second-order term
+    # branch losses (series, and transformers' core loss), constant: held at an operating point's by
+    # relinearized; None: the paper's lossless model. Power the parents draw on top of T s, and the
+    # drop's second-order term
     s_loss: np.ndarray | None = None      # (nodes,) complex
     drop_loss: np.ndarray | None = None   # (flows,) real
 
@@ -380,7 +384,7 @@ def solve_lindist3flow(problem, backend: str = "highs", solver: str | None = Non
     CVXPY with named constraint families.
 
     ``relinearize=k`` re-solves ``k`` more times, each time with the model linearized at the previous
-    solution (its series losses and, with ``angles``, its phase angles;
+    solution (its branch losses and, with ``angles``, its phase angles;
     :meth:`LinDist3FlowBlocks.relinearized`): a sequential LP. ``k = 0`` is the paper's model,
     lossless and at the no-load angles."""
     import time
