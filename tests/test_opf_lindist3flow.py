@@ -90,11 +90,13 @@ def test_ungrounded_feeder_line_to_line_voltages_follow_the_exact_flow():
     assert 0.01 < err["max_voltage_error_pu"] < 0.035
 
 
-def _exact_phasors(net, r):
+def _exact(net, r):
+    """The exact power flow and its phasors in the radial numbering (0 on the EMF nodes)."""
+    pf = dk.solve_powerflow(net)
     on = r.net_index >= 0
     V = np.zeros(r.n, complex)
-    V[on] = dk.solve_powerflow(net).V[r.net_index[on]]
-    return V
+    V[on] = pf.V[r.net_index[on]]
+    return pf, V
 
 
 @pytest.mark.parametrize("feeder, angles, passes, bound", [
@@ -107,7 +109,7 @@ def test_relinearized_model_follows_the_exact_flow(nets, feeder, angles, passes,
     gap to the exact flow: the lossless model's error is mostly the series losses it leaves out."""
     net = nets.get(feeder) or dk.load_feeder(feeder)
     r = radial_network(net)
-    V_exact = _exact_phasors(net, r)
+    pf, V_exact = _exact(net, r)
     blocks = lindist3flow_blocks(r)
     lossless = lindist3flow_powerflow(blocks)
     lin = lossless
@@ -120,7 +122,7 @@ def test_relinearized_model_follows_the_exact_flow(nets, feeder, angles, passes,
     assert err[key] < bound < err0[key]
     assert err[key] < err0[key] / 4
     # the substation now supplies the losses too (the lossless model is 2.5 % and 11 % low)
-    exact_kw = source_power(dk.solve_powerflow(net))
+    exact_kw = source_power(pf)
     model_kw, lossless_kw = (sol.s_root.real.sum() * net.sbase / 1e3 for sol in (lin, lossless))
     assert abs(model_kw - exact_kw) < 0.01 * exact_kw < exact_kw - lossless_kw
 
@@ -237,20 +239,19 @@ def test_branches_draw_their_losses_including_transformer_core_loss():
     power-conserving ``T s`` would miss."""
     net = dk.load_feeder("ieee8500")
     r = radial_network(net)
-    V = _exact_phasors(net, r)
+    pf, V = _exact(net, r)
     V[r.root] = np.sqrt(r.v_root) * r.alpha[r.root]
     current = np.zeros(r.n, complex)
-    for br in r.branches:
-        current[br.child] = np.linalg.solve(br.Z, br.N @ V[br.parent] - V[br.child])
     source = np.zeros(r.n, bool)
     for br in r.branches:
-        source[br.child] |= br.kind == "source"
+        current[br.child] = np.linalg.solve(br.Z, br.N @ V[br.parent] - V[br.child])
+        source[br.child] = br.kind == "source"
     drawn = r.sending_power(V, current)
     drawn[r.root] = 0                                   # the source branches: not a feeder loss
     received = V * np.conj(current)
     received[source] = 0
     loss_kw = (drawn.sum() - received.sum()).real * net.sbase / 1e3
-    exact_kw = dk.solve_powerflow(net).losses.real
+    exact_kw = pf.losses.real
     no_load_kw = 0.002 * sum(t.windings[0].kva for t in net.feeder.transformers if t.pct_noloadloss)
     assert no_load_kw > 50                              # big enough for the check to see it
     assert loss_kw == pytest.approx(exact_kw, rel=2e-3)
