@@ -43,7 +43,9 @@ only relaxation of the branch physics: rank one on every branch gives back the p
 
 * constant power (``s1 = 0``) and constant impedance (``s0 = 0``) are exact;
 * constant current, OpenDSS's exponent models and the ZIP ``I`` share use LinDist3Flow's
-  linearization in the squared voltage, ``|u|^e ~ 1 + (e/2)(|u|^2/v_nom^2 - 1)`` (approximate);
+  linearization in the squared voltage, ``|u|^e ~ 1 + (e/2)(|u|^2/v_nom^2 - 1)`` (approximate),
+  taken where the pair is at 1 pu of its buses and in the regime it has there
+  (:func:`dopfkit.opf.loadlaws.linearized_loads`: a load far from its rating is an impedance);
 * on a delta pair the ``s1`` part is the impedance it is: ``(s1 / v_nom^2) g_f V_f conj(u)`` at ``f``,
   linear in ``W`` and exact; the constant part ``s0`` is shared between the two nodes as
   ``g_f V_f / u`` evaluated at the no-load angles, as LinDist3Flow does (approximate: the exact share
@@ -82,6 +84,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from dopfkit.network.radial import RadialBranch, RadialNetwork
+from dopfkit.opf.loadlaws import linearized_loads
 from dopfkit.opf.problem import FormulationSolution, OPFInfeasibleError, OPFProblem, der_injection_map
 
 RANK_TOL = 1e-5        # second / first eigenvalue of M_b below this: numerically rank one
@@ -316,7 +319,6 @@ def _shunt_map(radial, wsel):
 
 def _load_maps(radial, wsel, load_scale, V_share=None):
     """(map, constant, root constant) of the loads' power at their nodes (module docstring)."""
-    from dopfkit.opf.lindist3flow import _load_coefficients
     ld, n = radial.loads, radial.n
     a = radial.alpha if V_share is None else V_share
     f, t = ld["node_from"].to_numpy(), ld["node_to"].to_numpy()
@@ -324,10 +326,11 @@ def _load_maps(radial, wsel, load_scale, V_share=None):
     tt = np.where(on_t, t, f)                                # placeholder node for wye pairs
     g_f = ld["vbase_from"].to_numpy()
     g_t = np.where(on_t, ld["vbase_to"].to_numpy(), 0.0)
-    s = ld["s_pu"].to_numpy() * np.where(ld["scalable"].to_numpy(), load_scale, 1.0)
-    c0p, c1p, c0q, c1q = _load_coefficients(ld)
-    s0 = s.real * c0p + 1j * s.imag * c0q
-    y1 = (s.real * c1p + 1j * s.imag * c1q) / ld["v_nom"].to_numpy() ** 2   # conj of the admittance
+    scale = np.where(ld["scalable"].to_numpy(), load_scale, 1.0)
+    vn2 = ld["v_nom"].to_numpy() ** 2
+    x_ref = np.abs(g_f * radial.alpha[f] - g_t * radial.alpha[tt]) ** 2 / vn2  # at 1 pu
+    s0, s1 = linearized_loads(ld, x_ref)                  # power ~ s0 + s1 |pair voltage / rated|^2
+    s0, y1 = scale * s0, scale * s1 / vn2                 # y1: conj of the admittance
     # impedance part: at f, y1 (g_f^2 W_ff - g_f g_t W_ft); at t, y1 (g_t^2 W_tt - g_f g_t W_tf)
     (W_ff, c_ff), (W_ft, c_ft) = wsel(f, f), wsel(f, tt)
     (W_tt, c_tt), (W_tf, c_tf) = wsel(tt, tt), wsel(tt, f)

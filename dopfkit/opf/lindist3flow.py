@@ -14,7 +14,8 @@ one feeding branch phase). With the voltages assumed to keep their no-load angle
   mixing of two primary phases into one secondary phase);
 * power a branch draws from its parent's phases, ``T s_j`` with ``T[k, p] = alpha_k N[p, k] / x_p``
   (``T = I`` on a line; columns of ``T`` sum to one, so no power is created);
-* loads: OpenDSS's voltage exponents (and ZIP) linearized in the squared pair voltage around 1 pu;
+* loads: OpenDSS's voltage law (:mod:`dopfkit.opf.loadlaws`) linearized in the squared pair voltage
+  around 1 pu of the buses (its rating, unless the load is rated for another voltage);
   a delta pair's power is shared between its two nodes by ``V_a / (V_a - V_b)`` at the no-load
   angles, as in Byeon, Ryu and Kim (arXiv 2211.07942);
 * shunts (line charging, capacitors) draw ``diag(V conj(Y V))``, linear in ``v`` at those angles.
@@ -34,6 +35,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from dopfkit.network.radial import RadialNetwork
+from dopfkit.opf.loadlaws import linearized_loads
 from dopfkit.opf.problem import der_injection_map
 
 
@@ -69,9 +71,9 @@ class LinDist3FlowBlocks:
 
     def relinearized(self, v: np.ndarray, s: np.ndarray, angles: bool = True) -> LinDist3FlowBlocks:
         """The model linearized at an operating point of its own (squared voltages ``v``, flows
-        ``s``) instead of at no load: the losses it drops are held at that point's values, and with
-        ``angles`` the reference angles move to that point's, so delta shares, drops and
-        line-to-line voltages see the phase imbalance.
+        ``s``) instead of at no load: the losses it drops are held at that point's values, the loads'
+        laws are tangent at that point's voltages, and with ``angles`` the reference angles move to
+        that point's, so delta shares, drops and line-to-line voltages see the phase imbalance.
 
         With ``I = conj(s / V)`` and ``V = sqrt(v) alpha`` on each flow's node, a forward sweep
         (``V_j = N V_i - Z I_j``) gives the point's phasors. Each branch then draws what it draws
@@ -83,13 +85,19 @@ class LinDist3FlowBlocks:
         current = np.zeros(r.n, complex)
         current[fn] = np.conj(s / (np.sqrt(np.maximum(v[fn], 1e-6)) * r.alpha[fn]))
         V = r.forward_voltages(current)
-        blocks = lindist3flow_blocks(r.with_angles(V / np.abs(V))) if angles else self
+        blocks = (lindist3flow_blocks(r.with_angles(V / np.abs(V))) if angles else self).loads_at(v)
         zi = blocks.Z @ current[fn]
         # what the branches lose at that point: drawn from the parents minus T (received), both
         # from the sweep's own phasors (the linear model's voltages would mix in its error)
         received = V[fn] * np.conj(current[fn])
         lost = r.sending_power(V, current) - blocks.T @ received
         return replace(blocks, s_loss=lost, drop_loss=np.abs(zi) ** 2)
+
+    def loads_at(self, v: np.ndarray) -> LinDist3FlowBlocks:
+        """The same model with every load's law tangent at squared node voltages ``v``."""
+        H, s_const, H_s, s_s = _load_terms(self.radial, v)
+        return replace(self, H=(H + _shunt_term(self.radial)).tocsr(), s_const=s_const, H_scalable=H_s,
+                       s_const_scalable=s_s)
 
     @property
     def n_nodes(self) -> int:
@@ -101,6 +109,7 @@ class LinDist3FlowBlocks:
 
 
 def lindist3flow_blocks(radial: RadialNetwork) -> LinDist3FlowBlocks:
+    """The model's blocks at the radial network's reference angles, the loads linearized at 1 pu."""
     n, alpha = radial.n, radial.alpha
     flow_node = np.setdiff1d(np.arange(n), radial.root)
     flow_of = np.full(n, -1)
@@ -151,24 +160,24 @@ def _shunt_term(radial: RadialNetwork) -> sp.csr_matrix:
                                                    np.concatenate([Y.row, Y.col]))), shape=(n, n))
 
 
-def _load_terms(radial: RadialNetwork):
-    """Linearized load power at the nodes: (H, s_const) for all loads and for scalable ones."""
+def _load_terms(radial: RadialNetwork, v: np.ndarray | None = None):
+    """Linearized load power at the nodes: (H, s_const) for all loads and for scalable ones, each
+    pair's law tangent at its squared voltage where the nodes' squared magnitudes are ``v`` (default
+    1 pu)."""
     ld, a, n = radial.loads, radial.alpha, radial.n
     f, t = ld["node_from"].to_numpy(), ld["node_to"].to_numpy()
+    on_t = t >= 0
     g_f = ld["vbase_from"].to_numpy()
-    g_t = np.where(t >= 0, -ld["vbase_to"].to_numpy(), 0.0)
-    a_f, a_t = a[f], np.where(t >= 0, a[np.maximum(t, 0)], 0)
-    x0 = g_f * a_f + g_t * a_t                               # pair voltage at the no-load angles, V
+    g_t = np.where(on_t, -ld["vbase_to"].to_numpy(), 0.0)
+    a_f, a_t = a[f], np.where(on_t, a[np.maximum(t, 0)], 0)
+    x0 = g_f * a_f + g_t * a_t                               # pair voltage at the reference angles, V
     vn2 = ld["v_nom"].to_numpy() ** 2
     # squared pair voltage / v_nom^2 ~ w_f v_f + w_t v_t
     w_f = (np.conj(x0) * g_f * a_f).real / vn2
     w_t = (np.conj(x0) * g_t * a_t).real / vn2
-    c0p, c1p, c0q, c1q = _load_coefficients(ld)
-    s = ld["s_pu"].to_numpy()
-    s0 = s.real * c0p + 1j * s.imag * c0q                   # constant part of the pair's power
-    s1 = s.real * c1p + 1j * s.imag * c1q                   # part proportional to u^2 / v_nom^2
+    at = w_f + w_t if v is None else w_f * v[f] + w_t * np.where(on_t, v[np.maximum(t, 0)], 0.0)
+    s0, s1 = linearized_loads(ld, at)                        # power ~ s0 + s1 (squared pair voltage)
     share_f, share_t = g_f * a_f / x0, g_t * a_t / x0       # delta: V_a / (V_a - V_b)
-    on_t = t >= 0
 
     def assemble(mask):
         both = mask & on_t
@@ -185,18 +194,6 @@ def _load_terms(radial: RadialNetwork):
     H, const = assemble(np.ones(len(ld), bool))
     H_s, const_s = assemble(ld["scalable"].to_numpy())
     return H, const, H_s, const_s
-
-
-def _load_coefficients(ld):
-    """(c0, c1) for P and Q: power = nominal * (c0 + c1 u^2) near u = 1 pu of the load's rating."""
-    ep, eq = ld["exp_p"].to_numpy(), ld["exp_q"].to_numpy()
-    c1p, c1q = ep / 2, eq / 2                                 # u^e ~ 1 + e/2 (u^2 - 1)
-    zip_ = (ld["model"] == 8).to_numpy()
-    c1p = np.where(zip_, ld["zp"] + ld["ip"] / 2, c1p)
-    c1q = np.where(zip_, ld["zq"] + ld["iq"] / 2, c1q)
-    c0p = np.where(zip_, ld["pp"] + ld["ip"] / 2, 1 - c1p)
-    c0q = np.where(zip_, ld["pq"] + ld["iq"] / 2, 1 - c1q)
-    return c0p, c1p, c0q, c1q
 
 
 @dataclass

@@ -21,15 +21,11 @@ for every load pair that is not wye to ground (delta, line to line), and the DER
 with the roots (the sources' EMF nodes) fixed at ``sqrt(v_root) alpha``. A wye load ``l`` at node ``f``
 draws ``S_l = P_l F^p_l(x) + j Q_l F^q_l(x)``, ``x = (g_f / v_l)^2 |V_f|^2``; a pair load draws
 ``(g_f V_f / v_l) conj(J_l)`` at ``f`` and returns ``(g_t V_t / v_l) conj(J_l)`` at ``t`` (``g``: the
-nodes' voltage bases, ``v_l``: the pair's rated voltage, both in volts). OpenDSS's voltage laws are
-exact functions of the squared pair voltage: ``F(x) = x^(e/2)`` for models 1-5 (exponent ``e``: 0
-constant power, 1 constant current, 2 constant impedance, model 4's CVR factors) and
-``F(x) = z x + i sqrt(x) + p`` for ZIP (model 8). Outside a load's ``vminpu..vmaxpu`` band OpenDSS
-(and the exact power flow) turn it into an impedance, and below ``vminpu`` blend it towards the
-nominal admittance at ``vlowpu`` (:mod:`dopfkit.powerflow.loads`); in ``v = sqrt(x)`` every regime is
-again a polynomial (:func:`_regime_terms`). The regime is a discrete choice, so :func:`solve_nlp`
-finds it by an active-set loop: solve with every load in its band, give each load the regime its
-voltage fell in, re-solve from that point, until no load changes regime (``extra["load_regime_rounds"]``;
+nodes' voltage bases, ``v_l``: the pair's rated voltage, both in volts). ``F`` is OpenDSS's
+voltage law, an exact polynomial in ``sqrt(x)`` in each of its regimes (:mod:`dopfkit.opf.loadlaws`).
+The regime is a discrete choice, so :func:`solve_nlp` finds it by an active-set loop: solve with
+every load in the regime it has at 1 pu (the reference angles), give each load the regime its voltage
+fell in, re-solve from that point, until no load changes regime (``extra["load_regime_rounds"]``;
 the loads left outside their band are in ``extra["loads_outside_band"]``). Like any active-set
 heuristic on a nonconvex model it finds a consistent local solution, not the best choice of regimes.
 
@@ -55,8 +51,8 @@ from pyomo.opt import TerminationCondition
 from dopfkit import solvers
 from dopfkit.network.radial import RadialNetwork
 from dopfkit.opf.lindist3flow import BlockTriplets
+from dopfkit.opf.loadlaws import BAND, load_laws, load_regimes
 from dopfkit.opf.problem import FormulationSolution, OPFInfeasibleError, OPFProblem, der_ends
-from dopfkit.powerflow.loads import I_MODEL, Z_MODEL, ZIP_MODEL
 
 ELASTIC = ("voltage_lower", "voltage_upper", "der_rating")   # families an elastic re-solve relaxes
 PENALTY = 1e4           # per unit of slack: far above any objective's per-unit scale
@@ -166,52 +162,7 @@ def _law(x, terms) -> object:
     return out
 
 
-BAND, ABOVE, BELOW, LOW = "band", "above", "below", "low"     # a load's regime (OpenDSS's names)
 MAX_REGIME_ROUNDS = 6
-
-
-def _load_laws(ld, regimes=None) -> list[tuple[list, list]]:
-    """(terms of P, terms of Q) per load pair: [(coefficient, exponent of v), ...]; ``regimes``
-    (one per pair, default all ``"band"``) picks OpenDSS's law inside or outside the band."""
-    regimes = [BAND] * len(ld) if regimes is None else regimes
-    return [_regime_terms(row, regime) for row, regime in zip(ld.itertuples(), regimes)]
-
-
-def _regime_terms(row, regime: str) -> tuple[list, list]:
-    """S / S_nom as sum c v^e in each regime, ``v`` = pair voltage / rated. Outside the band a load
-    draws ``i = y_eq u f(v)`` (dopfkit.powerflow.loads), so ``S = v^2 f(v)``: above ``vmax``
-    ``f = 1/vmax^2`` (``1/vmax`` for constant current); between ``vlow`` and ``vmin`` the current's
-    magnitude is linear in ``v``, ``v f = vlow + slope (v - vlow)``; below ``vlow``, ``f = 1``."""
-    if row.model == ZIP_MODEL:
-        if regime == BAND:
-            return [(row.zp, 2), (row.ip, 1), (row.pp, 0)], [(row.zq, 2), (row.iq, 1), (row.pq, 0)]
-        # Z share unchanged; the P share behaves like model 1, the I share like model 5
-        power, current = _outside(row, regime, const_i=False), _outside(row, regime, const_i=True)
-        return ([(row.zp, 2)] + [(row.pp * c, e) for c, e in power] + [(row.ip * c, e) for c, e in current],
-                [(row.zq, 2)] + [(row.pq * c, e) for c, e in power] + [(row.iq * c, e) for c, e in current])
-    if regime == BAND or row.model == Z_MODEL:
-        return [(1.0, row.exp_p)], [(1.0, row.exp_q)]
-    terms = _outside(row, regime, const_i=row.model == I_MODEL)
-    return terms, terms
-
-
-def _outside(row, regime: str, const_i: bool) -> list:
-    if regime == ABOVE:
-        return [(1 / row.vmax if const_i else 1 / row.vmax ** 2, 2)]
-    if regime == LOW:
-        return [(1.0, 2)]
-    slope = ((1.0 if const_i else 1 / row.vmin) - row.vlow) / (row.vmin - row.vlow)
-    return [(slope, 2), (row.vlow * (1 - slope), 1)]                # v (vlow + slope (v - vlow))
-
-
-def load_regimes(radial: RadialNetwork, V: np.ndarray) -> np.ndarray:
-    """The regime of every load pair at node voltages ``V`` (radial numbering), as OpenDSS picks it."""
-    ld = radial.loads
-    f, t = ld["node_from"].to_numpy(int), ld["node_to"].to_numpy(int)
-    w = ld["vbase_from"].to_numpy() * V[f] - np.where(t >= 0, ld["vbase_to"].to_numpy() * V[np.maximum(t, 0)], 0)
-    v = np.abs(w) / ld["v_nom"].to_numpy()
-    regime = np.select([v <= ld["vlow"], v <= ld["vmin"], v > ld["vmax"]], [LOW, BELOW, ABOVE], BAND)
-    return np.where(ld["model"].to_numpy() == Z_MODEL, BAND, regime).astype(object)
 
 
 def build_nlp(problem: OPFProblem, elastic: bool = False, regimes=None) -> pyo.ConcreteModel:
@@ -300,7 +251,7 @@ def _loads(m, radial: RadialNetwork, load_scale: float) -> tuple[dict, dict]:
     f, t = ld["node_from"].to_numpy(int), ld["node_to"].to_numpy(int)
     a = ld["vbase_from"].to_numpy(float) / ld["v_nom"].to_numpy(float)
     b = ld["vbase_to"].to_numpy(float) / ld["v_nom"].to_numpy(float)
-    laws = _load_laws(ld, m._regimes)
+    laws = load_laws(ld, m._regimes)
     P = {k: [] for k in m.nonroot}
     Q = {k: [] for k in m.nonroot}
     for j in np.flatnonzero(t < 0):                       # wye to ground: power is a function of |V_f|
@@ -392,7 +343,7 @@ def _set_point(m, problem: OPFProblem, V: np.ndarray) -> None:
         m.Vr[k].set_value(V[k].real), m.Vi[k].set_value(V[k].imag)
     ld = radial.loads
     s = ld["s_pu"].to_numpy(complex) * np.where(ld["scalable"].to_numpy(bool), problem.load_scale, 1.0)
-    laws = _load_laws(ld, m._regimes)
+    laws = load_laws(ld, m._regimes)
     for j in m.pairs:
         f, t = ld["node_from"].iloc[j], ld["node_to"].iloc[j]
         w = (ld["vbase_from"].iloc[j] * V[f] - ld["vbase_to"].iloc[j] * V[t]) / ld["v_nom"].iloc[j]
@@ -431,12 +382,13 @@ def _run_ipopt(m, solver: str, tol: float, options: dict):
 def solve_nlp(problem: OPFProblem, solver: str = "ipopt", tol: float = 1e-8, warm_start: bool = True,
               regime_rounds: int = MAX_REGIME_ROUNDS, **options) -> FormulationSolution:
     """Solve the exact branch-flow OPF. Options go to Ipopt (``max_iter=...``, ``print_level=5``).
-    ``regime_rounds``: most solves of the loads' regime loop (1: every load kept on its band law).
+    ``regime_rounds``: most solves of the loads' regime loop (1: every load kept in its regime at 1 pu).
 
     Raises :class:`OPFInfeasibleError` (naming the constraint family an elastic re-solve had to
     relax) when Ipopt does not reach an optimum.
     """
-    regimes = np.full(len(problem.radial.loads), BAND, dtype=object)
+    radial = problem.radial
+    regimes = load_regimes(radial, radial.alpha)       # at 1 pu, the reference angles
     V, build_time, solve_time, iters = None, 0.0, 0.0, None
     for rounds in range(1, regime_rounds + 1):           # active set over the loads' regimes
         t0 = time.perf_counter()
