@@ -257,13 +257,15 @@ def test_branches_draw_their_losses_including_transformer_core_loss():
     assert loss_kw == pytest.approx(exact_kw, rel=2e-3)
 
 
-@pytest.mark.parametrize("v", [0.3, 0.7, 0.93, 1.0, 1.03, 1.08])   # below vlow, blend, below vmin, band, above
+# below vlow, between vlow and vmin (two points), in the band (two), above vmax
+@pytest.mark.parametrize("v", [0.3, 0.7, 0.93, 1.0, 1.03, 1.08])
 def test_load_linearization_is_tangent_to_the_exact_law_in_every_regime(v):
     """linearized_loads (the optimization models' polynomial laws) against the power flow's own
     implementation of OpenDSS's laws (dopfkit.powerflow.loads, checked against OpenDSS): value and
     slope in the squared voltage, for every load model (constant P, Z, I, CVR exponents, ZIP)."""
-    import pandas as pd
     from types import SimpleNamespace
+
+    import pandas as pd
 
     from dopfkit.opf.loadlaws import linearized_loads
 
@@ -272,18 +274,18 @@ def test_load_linearization_is_tangent_to_the_exact_law_in_every_regime(v):
     zipv = np.zeros((6, 7))
     zipv[4:] = [0.3, 0.3, 0.4, 0.2, 0.5, 0.3, 0.0]
     n = len(model)
-    ld = pd.DataFrame({"model": model, "exp_p": expo[:, 0], "exp_q": expo[:, 1],
-                       "s_pu": np.array([1 + 0.5j, 0.8 + 0.3j, 1.2 + 0.4j, 0.9 + 0.6j, 1 + 0.2j, -0.5 + 0.7j]),
+    s_pu = np.array([1 + 0.5j, 0.8 + 0.3j, 1.2 + 0.4j, 0.9 + 0.6j, 1 + 0.2j, -0.5 + 0.7j])
+    ld = pd.DataFrame({"model": model, "exp_p": expo[:, 0], "exp_q": expo[:, 1], "s_pu": s_pu,
                        "v_nom": np.full(n, 2400.0), "vmin": np.full(n, 0.95), "vmax": np.full(n, 1.05),
                        "vlow": np.full(n, 0.5)})
     for k, name in enumerate(["zp", "ip", "pp", "zq", "iq", "pq"]):
         ld[name] = zipv[:, k]
-    pairs = SimpleNamespace(v_nom=ld["v_nom"].to_numpy(), vmin=ld["vmin"].to_numpy(), vmax=ld["vmax"].to_numpy(),
-                            vlow=ld["vlow"].to_numpy(), model=model, exponents=expo, zipv=zipv)
+    pairs = SimpleNamespace(model=model, exponents=expo, zipv=zipv,
+                            **{k: ld[k].to_numpy() for k in ("v_nom", "vmin", "vmax", "vlow")})
 
     def exact(x):       # power (pu) drawn at squared pair voltage x (pu of the rating)
         u = np.sqrt(x) * pairs.v_nom * np.exp(0.3j)
-        return u * np.conj(load_currents(u, ld["s_pu"].to_numpy(), pairs))
+        return u * np.conj(load_currents(u, s_pu, pairs))
 
     x0, h = v * v, 1e-6
     s0, s1 = linearized_loads(ld, np.full(n, x0))

@@ -35,7 +35,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from dopfkit.network.radial import RadialNetwork
-from dopfkit.opf.loadlaws import linearized_loads
+from dopfkit.opf.loadlaws import linearized_loads, pair_regimes
 from dopfkit.opf.problem import der_injection_map
 
 
@@ -85,7 +85,11 @@ class LinDist3FlowBlocks:
         current = np.zeros(r.n, complex)
         current[fn] = np.conj(s / (np.sqrt(np.maximum(v[fn], 1e-6)) * r.alpha[fn]))
         V = r.forward_voltages(current)
-        blocks = (lindist3flow_blocks(r.with_angles(V / np.abs(V))) if angles else self).loads_at(v)
+        # the loads' regimes (a kink in their laws) follow the point once it holds the losses: the
+        # lossless point can be far off (IEEE 8500: half the load phases above vmaxpu, none exactly)
+        regimes = pair_regimes(r.loads, np.sqrt(pair_voltages_squared(r, v if self.s_loss is not None
+                                                                     else None)))
+        blocks = (lindist3flow_blocks(r.with_angles(V / np.abs(V))) if angles else self).loads_at(v, regimes)
         zi = blocks.Z @ current[fn]
         # what the branches lose at that point: drawn from the parents minus T (received), both
         # from the sweep's own phasors (the linear model's voltages would mix in its error)
@@ -93,9 +97,10 @@ class LinDist3FlowBlocks:
         lost = r.sending_power(V, current) - blocks.T @ received
         return replace(blocks, s_loss=lost, drop_loss=np.abs(zi) ** 2)
 
-    def loads_at(self, v: np.ndarray) -> LinDist3FlowBlocks:
-        """The same model with every load's law tangent at squared node voltages ``v``."""
-        H, s_const, H_s, s_s = _load_terms(self.radial, v)
+    def loads_at(self, v: np.ndarray, regimes: np.ndarray | None = None) -> LinDist3FlowBlocks:
+        """The same model with every load's law tangent at squared node voltages ``v`` (in the regime
+        it is in there, or in ``regimes``)."""
+        H, s_const, H_s, s_s = _load_terms(self.radial, v, regimes)
         return replace(self, H=(H + _shunt_term(self.radial)).tocsr(), s_const=s_const, H_scalable=H_s,
                        s_const_scalable=s_s)
 
@@ -160,24 +165,36 @@ def _shunt_term(radial: RadialNetwork) -> sp.csr_matrix:
                                                    np.concatenate([Y.row, Y.col]))), shape=(n, n))
 
 
-def _load_terms(radial: RadialNetwork, v: np.ndarray | None = None):
+def _pair_geometry(radial: RadialNetwork):
+    """Per load pair: nodes ``f``, ``t`` (-1: ground), the phasors its two ends contribute to its
+    voltage at 1 pu and the reference angles, ``e_f + e_t`` (volts), and ``w_f, w_t`` with squared
+    pair voltage / v_nom^2 ~ w_f v_f + w_t v_t (exact at 1 pu, and for wye pairs)."""
+    ld, a = radial.loads, radial.alpha
+    f, t = ld["node_from"].to_numpy(), ld["node_to"].to_numpy()
+    e_f = ld["vbase_from"].to_numpy() * a[f]
+    e_t = np.where(t >= 0, -ld["vbase_to"].to_numpy() * a[np.maximum(t, 0)], 0)
+    x0, vn2 = e_f + e_t, ld["v_nom"].to_numpy() ** 2
+    return f, t, e_f, e_t, (np.conj(x0) * e_f).real / vn2, (np.conj(x0) * e_t).real / vn2
+
+
+def pair_voltages_squared(radial: RadialNetwork, v: np.ndarray | None = None) -> np.ndarray:
+    """Each load pair's squared voltage (per unit of its rating) where the nodes' squared magnitudes
+    are ``v`` (default 1 pu), as the linear model sees it."""
+    f, t, _, _, w_f, w_t = _pair_geometry(radial)
+    if v is None:
+        return w_f + w_t
+    return w_f * v[f] + w_t * np.where(t >= 0, v[np.maximum(t, 0)], 0.0)
+
+
+def _load_terms(radial: RadialNetwork, v: np.ndarray | None = None, regimes: np.ndarray | None = None):
     """Linearized load power at the nodes: (H, s_const) for all loads and for scalable ones, each
     pair's law tangent at its squared voltage where the nodes' squared magnitudes are ``v`` (default
-    1 pu)."""
-    ld, a, n = radial.loads, radial.alpha, radial.n
-    f, t = ld["node_from"].to_numpy(), ld["node_to"].to_numpy()
+    1 pu), in the regime it is in there or in ``regimes``."""
+    ld, n = radial.loads, radial.n
+    f, t, e_f, e_t, w_f, w_t = _pair_geometry(radial)
     on_t = t >= 0
-    g_f = ld["vbase_from"].to_numpy()
-    g_t = np.where(on_t, -ld["vbase_to"].to_numpy(), 0.0)
-    a_f, a_t = a[f], np.where(on_t, a[np.maximum(t, 0)], 0)
-    x0 = g_f * a_f + g_t * a_t                               # pair voltage at the reference angles, V
-    vn2 = ld["v_nom"].to_numpy() ** 2
-    # squared pair voltage / v_nom^2 ~ w_f v_f + w_t v_t
-    w_f = (np.conj(x0) * g_f * a_f).real / vn2
-    w_t = (np.conj(x0) * g_t * a_t).real / vn2
-    at = w_f + w_t if v is None else w_f * v[f] + w_t * np.where(on_t, v[np.maximum(t, 0)], 0.0)
-    s0, s1 = linearized_loads(ld, at)                        # power ~ s0 + s1 (squared pair voltage)
-    share_f, share_t = g_f * a_f / x0, g_t * a_t / x0       # delta: V_a / (V_a - V_b)
+    s0, s1 = linearized_loads(ld, pair_voltages_squared(radial, v), regimes)   # ~ s0 + s1 x
+    share_f, share_t = e_f / (e_f + e_t), e_t / (e_f + e_t)   # delta: V_a / (V_a - V_b)
 
     def assemble(mask):
         both = mask & on_t

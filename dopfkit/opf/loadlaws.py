@@ -68,14 +68,16 @@ def load_regimes(radial, V: np.ndarray) -> np.ndarray:
     return pair_regimes(ld, np.abs(w) / ld["v_nom"].to_numpy())
 
 
-def linearized_loads(ld: pd.DataFrame, x0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def linearized_loads(ld: pd.DataFrame, x0: np.ndarray, regimes: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """``(s0, s1)`` per pair: its power ``S_nom F(x)`` (per unit, complex) ~ ``s0 + s1 x`` near the
-    squared pair voltage ``x0`` (per unit of the rating), the tangent of OpenDSS's law in the regime
-    ``x0`` falls in. At ``x0 = 1`` inside the band this is the usual ``F ~ 1 + e/2 (x - 1)``; a load
-    whose rating does not match its bus (IEEE 9500's batteries, rated 12.47 kV on 480 V buses) is
-    linearized where it really operates, not at its rating."""
+    squared pair voltage ``x0`` (per unit of the rating): the tangent of OpenDSS's law in the regime
+    ``x0`` falls in, or in ``regimes`` (one per pair) where given. At ``x0 = 1`` inside the band this
+    is the usual ``F ~ 1 + e/2 (x - 1)``; a load whose rating does not match its bus (IEEE 9500's
+    batteries, rated 12.47 kV on 480 V buses) is linearized where it really operates, not at its
+    rating."""
     x0 = np.maximum(np.asarray(x0, float), 1e-12)
-    laws = load_laws(ld, pair_regimes(ld, np.sqrt(x0)))
+    laws = load_laws(ld, pair_regimes(ld, np.sqrt(x0)) if regimes is None else regimes)
     f = np.zeros((len(ld), 2))
     df = np.zeros((len(ld), 2))
     for k, (x, terms_pq) in enumerate(zip(x0, laws)):
