@@ -58,6 +58,10 @@ class LinDist3FlowBlocks:
     # drop's second-order term
     s_loss: np.ndarray | None = None      # (nodes,) complex
     drop_loss: np.ndarray | None = None   # (flows,) real
+    # each load pair's regime of OpenDSS's law (dopfkit.opf.loadlaws), fixed where the model is first
+    # built (1 pu) and kept by relinearized: a regime change is a kink, which a sequential LP would
+    # chase back and forth (IEEE 8500's OPF: 437, 22, 405 load phases above vmaxpu in passes 1-3)
+    load_regimes: np.ndarray | None = None
 
     def load_terms(self, load_scale=1.0) -> tuple[sp.csr_matrix, np.ndarray]:
         """(H, s_const) with scalable loads multiplied by ``load_scale`` (a scalar)."""
@@ -72,8 +76,9 @@ class LinDist3FlowBlocks:
     def relinearized(self, v: np.ndarray, s: np.ndarray, angles: bool = True) -> LinDist3FlowBlocks:
         """The model linearized at an operating point of its own (squared voltages ``v``, flows
         ``s``) instead of at no load: the losses it drops are held at that point's values, the loads'
-        laws are tangent at that point's voltages, and with ``angles`` the reference angles move to
-        that point's, so delta shares, drops and line-to-line voltages see the phase imbalance.
+        laws are tangent at that point's voltages (in the regimes they had at 1 pu), and with
+        ``angles`` the reference angles move to that point's, so delta shares, drops and
+        line-to-line voltages see the phase imbalance.
 
         With ``I = conj(s / V)`` and ``V = sqrt(v) alpha`` on each flow's node, a forward sweep
         (``V_j = N V_i - Z I_j``) gives the point's phasors. Each branch then draws what it draws
@@ -85,11 +90,8 @@ class LinDist3FlowBlocks:
         current = np.zeros(r.n, complex)
         current[fn] = np.conj(s / (np.sqrt(np.maximum(v[fn], 1e-6)) * r.alpha[fn]))
         V = r.forward_voltages(current)
-        # the loads' regimes (a kink in their laws) follow the point once it holds the losses: the
-        # lossless point can be far off (IEEE 8500: half the load phases above vmaxpu, none exactly)
-        regimes = pair_regimes(r.loads, np.sqrt(pair_voltages_squared(r, v if self.s_loss is not None
-                                                                     else None)))
-        blocks = (lindist3flow_blocks(r.with_angles(V / np.abs(V))) if angles else self).loads_at(v, regimes)
+        blocks = (lindist3flow_blocks(r.with_angles(V / np.abs(V))) if angles else self) \
+            .loads_at(v, self.load_regimes)
         zi = blocks.Z @ current[fn]
         # what the branches lose at that point: drawn from the parents minus T (received), both
         # from the sweep's own phasors (the linear model's voltages would mix in its error)
@@ -98,11 +100,11 @@ class LinDist3FlowBlocks:
         return replace(blocks, s_loss=lost, drop_loss=np.abs(zi) ** 2)
 
     def loads_at(self, v: np.ndarray, regimes: np.ndarray | None = None) -> LinDist3FlowBlocks:
-        """The same model with every load's law tangent at squared node voltages ``v`` (in the regime
-        it is in there, or in ``regimes``)."""
-        H, s_const, H_s, s_s = _load_terms(self.radial, v, regimes)
+        """The same model with every load's law tangent at squared node voltages ``v``, in ``regimes``
+        (default: the regime each load is in there)."""
+        H, s_const, H_s, s_s, regimes = _load_terms(self.radial, v, regimes)
         return replace(self, H=(H + _shunt_term(self.radial)).tocsr(), s_const=s_const, H_scalable=H_s,
-                       s_const_scalable=s_s)
+                       s_const_scalable=s_s, load_regimes=regimes)
 
     @property
     def n_nodes(self) -> int:
@@ -129,12 +131,12 @@ def lindist3flow_blocks(radial: RadialNetwork) -> LinDist3FlowBlocks:
         Zf.add(fj, fj, br.Z)
         T.add(br.parent, fj, (ai[:, None] * br.N.T) / x[None, :])
     nf = len(flow_node)
-    H_load, s_load, H_scal, s_scal = _load_terms(radial)
+    H_load, s_load, H_scal, s_scal, regimes = _load_terms(radial)
     return LinDist3FlowBlocks(
         radial=radial, flow_node=flow_node,
         W=W.matrix((nf, n), real=True), C=C.matrix((nf, nf)), T=T.matrix((n, nf)),
         H=(H_load + _shunt_term(radial)).tocsr(), s_const=s_load,
-        H_scalable=H_scal, s_const_scalable=s_scal, Z=Zf.matrix((nf, nf)))
+        H_scalable=H_scal, s_const_scalable=s_scal, Z=Zf.matrix((nf, nf)), load_regimes=regimes)
 
 
 class BlockTriplets:
@@ -189,11 +191,13 @@ def pair_voltages_squared(radial: RadialNetwork, v: np.ndarray | None = None) ->
 def _load_terms(radial: RadialNetwork, v: np.ndarray | None = None, regimes: np.ndarray | None = None):
     """Linearized load power at the nodes: (H, s_const) for all loads and for scalable ones, each
     pair's law tangent at its squared voltage where the nodes' squared magnitudes are ``v`` (default
-    1 pu), in the regime it is in there or in ``regimes``."""
+    1 pu), in ``regimes`` (default: the regime it is in there), and the regimes."""
     ld, n = radial.loads, radial.n
     f, t, e_f, e_t, w_f, w_t = _pair_geometry(radial)
     on_t = t >= 0
-    s0, s1 = linearized_loads(ld, pair_voltages_squared(radial, v), regimes)   # ~ s0 + s1 x
+    x = pair_voltages_squared(radial, v)
+    regimes = pair_regimes(ld, np.sqrt(x)) if regimes is None else regimes
+    s0, s1 = linearized_loads(ld, x, regimes)                # power ~ s0 + s1 x
     share_f, share_t = e_f / (e_f + e_t), e_t / (e_f + e_t)   # delta: V_a / (V_a - V_b)
 
     def assemble(mask):
@@ -210,7 +214,7 @@ def _load_terms(radial: RadialNetwork, v: np.ndarray | None = None, regimes: np.
 
     H, const = assemble(np.ones(len(ld), bool))
     H_s, const_s = assemble(ld["scalable"].to_numpy())
-    return H, const, H_s, const_s
+    return H, const, H_s, const_s, regimes
 
 
 @dataclass
