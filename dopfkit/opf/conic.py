@@ -84,6 +84,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from dopfkit.network.radial import RadialBranch, RadialNetwork
+from dopfkit.opf.lindist3flow import pair_voltages_squared
 from dopfkit.opf.loadlaws import linearized_loads
 from dopfkit.opf.problem import FormulationSolution, OPFInfeasibleError, OPFProblem, der_injection_map
 
@@ -328,8 +329,7 @@ def _load_maps(radial, wsel, load_scale, V_share=None):
     g_t = np.where(on_t, ld["vbase_to"].to_numpy(), 0.0)
     scale = np.where(ld["scalable"].to_numpy(), load_scale, 1.0)
     vn2 = ld["v_nom"].to_numpy() ** 2
-    x_ref = np.abs(g_f * radial.alpha[f] - g_t * radial.alpha[tt]) ** 2 / vn2  # at 1 pu
-    s0, s1 = linearized_loads(ld, x_ref)                  # power ~ s0 + s1 |pair voltage / rated|^2
+    s0, s1 = linearized_loads(ld, pair_voltages_squared(radial))   # ~ s0 + s1 |u / rated|^2, at 1 pu
     s0, y1 = scale * s0, scale * s1 / vn2                 # y1: conj of the admittance
     # impedance part: at f, y1 (g_f^2 W_ff - g_f g_t W_ft); at t, y1 (g_t^2 W_tt - g_f g_t W_tf)
     (W_ff, c_ff), (W_ft, c_ft) = wsel(f, f), wsel(f, tt)

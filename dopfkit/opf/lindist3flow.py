@@ -90,8 +90,8 @@ class LinDist3FlowBlocks:
         current = np.zeros(r.n, complex)
         current[fn] = np.conj(s / (np.sqrt(np.maximum(v[fn], 1e-6)) * r.alpha[fn]))
         V = r.forward_voltages(current)
-        blocks = (lindist3flow_blocks(r.with_angles(V / np.abs(V))) if angles else self) \
-            .loads_at(v, self.load_regimes)
+        blocks = lindist3flow_blocks(r.with_angles(V / np.abs(V)), v, self.load_regimes) if angles \
+            else self.loads_at(v, self.load_regimes)
         zi = blocks.Z @ current[fn]
         # what the branches lose at that point: drawn from the parents minus T (received), both
         # from the sweep's own phasors (the linear model's voltages would mix in its error)
@@ -115,8 +115,10 @@ class LinDist3FlowBlocks:
         return len(self.flow_node)
 
 
-def lindist3flow_blocks(radial: RadialNetwork) -> LinDist3FlowBlocks:
-    """The model's blocks at the radial network's reference angles, the loads linearized at 1 pu."""
+def lindist3flow_blocks(radial: RadialNetwork, v_loads: np.ndarray | None = None,
+                        load_regimes: np.ndarray | None = None) -> LinDist3FlowBlocks:
+    """The model's blocks at the radial network's reference angles, the loads linearized at squared
+    node voltages ``v_loads`` (default 1 pu) in ``load_regimes`` (default: their regimes there)."""
     n, alpha = radial.n, radial.alpha
     flow_node = np.setdiff1d(np.arange(n), radial.root)
     flow_of = np.full(n, -1)
@@ -131,7 +133,7 @@ def lindist3flow_blocks(radial: RadialNetwork) -> LinDist3FlowBlocks:
         Zf.add(fj, fj, br.Z)
         T.add(br.parent, fj, (ai[:, None] * br.N.T) / x[None, :])
     nf = len(flow_node)
-    H_load, s_load, H_scal, s_scal, regimes = _load_terms(radial)
+    H_load, s_load, H_scal, s_scal, regimes = _load_terms(radial, v_loads, load_regimes)
     return LinDist3FlowBlocks(
         radial=radial, flow_node=flow_node,
         W=W.matrix((nf, n), real=True), C=C.matrix((nf, nf)), T=T.matrix((n, nf)),
