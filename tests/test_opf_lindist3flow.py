@@ -166,6 +166,14 @@ def test_highs_standard_form_and_cvxpy_model_agree(nets, objective):
     assert a.extra["violation"] < 1e-7
 
 
+def test_highs_failures_raise_instead_of_returning_a_zero_objective(nets):
+    from dopfkit.opf.standard_form import solve_highs
+    lp = lindist3flow_lp(OPFProblem(nets["ieee13"], der_table(nets["ieee13"], ["675.1"], 100)))
+    with pytest.raises(ValueError, match="solver='no-such-solver'"):
+        solve_highs(lp, solver="no-such-solver")
+    assert solve_highs(lp, solver="ipm").objective == pytest.approx(solve_highs(lp).objective, rel=1e-7)
+
+
 def test_setpoints_respect_limits_and_exact_flow_agrees(nets):
     net = nets["ieee13"]
     ders = der_table(net, ["675.1", "675.2", "675.3", "680.1", "680.2", "680.3"], 300, 250)

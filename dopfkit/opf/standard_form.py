@@ -68,7 +68,8 @@ def solve_highs(lp: StandardFormLP, row_lower=None, row_upper=None, time_limit: 
     if time_limit:
         h.setOptionValue("time_limit", float(time_limit))
     for k, v in options.items():
-        h.setOptionValue(k, v)
+        if h.setOptionValue(k, v) == highspy.HighsStatus.kError:
+            raise ValueError(f"HiGHS rejected the option {k}={v!r}")
     A = lp.A.tocsc()
     model = highspy.HighsLp()
     model.num_col_, model.num_row_ = A.shape[1], A.shape[0]
@@ -86,9 +87,14 @@ def solve_highs(lp: StandardFormLP, row_lower=None, row_upper=None, time_limit: 
         h.passHessian(Q.shape[0], Q.nnz, highspy.HessianFormat.kTriangular,
                       Q.indptr, Q.indices, Q.data)
     t = time.perf_counter()
-    h.run()
+    run_status = h.run()
     elapsed = time.perf_counter() - t
     status = h.modelStatusToString(h.getModelStatus())
+    if run_status == highspy.HighsStatus.kError:
+        # e.g. HiGHS 1.15's dual simplex on IEEE 8500's LP stops in phase 1 with model status
+        # "Not Set"; without this check the caller would read an objective of 0
+        raise RuntimeError(f"HiGHS failed on the {A.shape[0]} x {A.shape[1]} LP (model status "
+                           f"{status!r}, options {options or 'default'}); try solver='ipm'")
     sol, info = h.getSolution(), h.getInfo()
     x = np.asarray(sol.col_value)
     return HighsSolution(status=status, x=x, objective=float(info.objective_function_value),
