@@ -11,9 +11,10 @@ Lines have ``N = I``. A transformer's ``N`` and ``Z`` come from its per-unit pri
 connection whose child side is grounded (wye-grounded, split-phase service); on a floating child
 (ungrounded delta, open-delta regulators) ``D`` has no zero-sequence path and the pseudo-inverse keeps
 the positive and negative sequences only (reported as an approximation). A transformer's no-load
-(core-loss and magnetizing) admittance is part of its primitive, so ``N`` and ``Z`` keep it; models
-that draw power from the parent through ``N`` alone (lossless LinDist3Flow, the SOCP/SDP lift) leave
-its power out (reported when present), :meth:`RadialNetwork.sending_power` does not.
+(core-loss and magnetizing) admittance is part of its primitive: eliminating the child side leaves it
+as a shunt ``A + B N`` on the parent (:meth:`RadialBranch.parent_draw`), which the NLP, the SOCP/SDP
+lift and :meth:`RadialNetwork.sending_power` keep and the lossless LinDist3Flow, drawing through ``N``
+alone, leaves out (reported when present).
 
 Every node also carries ``alpha``, the unit phasor of its no-load voltage (the network energized with
 no load). Linear models assume the voltages keep these angles; taking them from the no-load solution
@@ -51,6 +52,16 @@ class RadialBranch:
     Z: np.ndarray             # (child x child) series impedance, per unit
     Y: np.ndarray | None = None   # per-unit primitive on [parent, child] nodes (two-port branches)
     floating: bool = False        # child side has no zero-sequence path (Z, N from a pseudo-inverse)
+
+    def parent_draw(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(Y_sh, G)``: the current the branch draws from its parent phases is ``Y_sh V_i + G I_j``.
+        A line draws ``N^H I_j``; a two-port ``A V_i + B V_j = (A + B N) V_i - B Z I_j``, whose
+        shunt ``A + B N`` is a transformer's no-load (core-loss and magnetizing) admittance."""
+        m = len(self.parent)
+        if self.Y is None:
+            return np.zeros((m, m), complex), self.N.conj().T
+        A, B = self.Y[:m, :m], self.Y[:m, m:]
+        return A + B @ self.N, -B @ self.Z
 
 
 @dataclass
@@ -330,8 +341,8 @@ def _transformer_branches(net: Network, pos: np.ndarray, approx: list) -> list[R
         out.append(br)
     for t in net.feeder.transformers:
         if t.pct_imag > 0 or t.pct_noloadloss > 0:
-            approx.append(("transformer." + t.name, "no-load branch: in N and Z, its power left out of "
-                           "a parent draw through N"))
+            approx.append(("transformer." + t.name, "no-load branch: its power is left out of "
+                           "lossless LinDist3Flow's parent draw through N"))
     return out
 
 

@@ -33,7 +33,10 @@ Z L Z^H``; every bus has one feeding branch, so this defines each bus's ``W`` on
     M_b >= 0 (PSD)                                        SDP;  SOCP: its 2x2 principal minors
 
 ``diag(N K - Z L)`` is the power the branch delivers into ``j``, ``diag(K N)`` the power it draws
-from its parent phases (``E_c`` places them in ``j``), ``Y_j`` the shunt (line charging, capacitors).
+from its parent phases (``E_c`` places them in ``j``; a transformer draws ``diag(K G^H)`` with
+``G = -B Z`` from its primitive, equal to ``N^H`` up to rounding), ``Y_j`` the shunt (line charging,
+capacitors, and the no-load branch ``A + B N`` of each transformer ``j`` feeds:
+:meth:`~dopfkit.network.radial.RadialBranch.parent_draw`).
 ``null(Z)`` is the zero sequence of a floating secondary, which radial.py drops (pseudo-inverse): no
 current can take it, and without that row ``L`` would be free along it. Dropping ``rank M_b = 1`` is the
 only relaxation of the branch physics: rank one on every branch gives back the phasors down the tree.
@@ -118,11 +121,12 @@ class Lift:
 
 
 def _lift(branch: RadialBranch, offset: int, radial: RadialNetwork) -> Lift:
+    draw = branch.parent_draw()[1].conj().T           # N on a line; (-B Z)^H on a two-port
     if np.isin(branch.parent, radial.root).all():
         v = np.sqrt(radial.v_root[branch.parent]) * radial.alpha[branch.parent]
         return Lift(branch, offset, 1, np.hstack([(branch.N @ v)[:, None], -branch.Z]),
-                    branch.N * v[None, :], v)
-    return Lift(branch, offset, len(branch.parent), np.hstack([branch.N, -branch.Z]), branch.N, None)
+                    draw * v[None, :], v)
+    return Lift(branch, offset, len(branch.parent), np.hstack([branch.N, -branch.Z]), draw, None)
 
 
 @dataclass
@@ -311,11 +315,22 @@ def _branch_power_maps(radial, lifts: list[Lift], ideal, n_mu):
 
 
 def _shunt_map(radial, wsel):
-    """Shunt power at node k: sum_l conj(Y_kl) W_kl."""
-    Y = radial.shunt.tocoo()
+    """Shunt power at node k: sum_l conj(Y_kl) W_kl, over the network's shunts and the two-ports'
+    parent-side shunts (a transformer's no-load branch)."""
+    Y = (radial.shunt + _parent_shunts(radial)).tocoo()
     W, const = wsel(Y.row, Y.col)
     rows = sp.csr_matrix((np.conj(Y.data), (Y.row, np.arange(Y.nnz))), shape=(radial.n, Y.nnz))
     return rows @ W, rows @ const
+
+
+def _parent_shunts(radial) -> sp.csr_matrix:
+    blocks = [(br.parent, br.parent_draw()[0]) for br in radial.branches if br.Y is not None]
+    if not blocks:
+        return sp.csr_matrix((radial.n, radial.n), dtype=complex)
+    rows = np.concatenate([np.repeat(p, len(p)) for p, _ in blocks])
+    cols = np.concatenate([np.tile(p, len(p)) for p, _ in blocks])
+    vals = np.concatenate([y.ravel() for _, y in blocks])
+    return sp.csr_matrix((vals, (rows, cols)), shape=(radial.n, radial.n))
 
 
 def _load_maps(radial, wsel, load_scale, V_share=None):

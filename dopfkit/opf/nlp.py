@@ -100,8 +100,8 @@ def _structure(radial: RadialNetwork, pinned=()) -> _Structure:
         if br.Y is None:
             draw_i.add(br.parent, br.child, br.N.conj().T)
         elif b in pinned:
-            A, B = br.Y[:m, :m], br.Y[:m, m:]
-            draw_v.add(br.parent, br.parent, A + B @ br.N), draw_i.add(br.parent, br.child, -B @ br.Z)
+            shunt, through = br.parent_draw()
+            draw_v.add(br.parent, br.parent, shunt), draw_i.add(br.parent, br.child, through)
         else:
             draw_v.add(br.parent, br.parent, br.Y[:m, :m]), draw_v.add(br.parent, br.child, br.Y[:m, m:])
     nonroot = np.setdiff1d(np.arange(n), radial.root)
