@@ -186,3 +186,21 @@ def test_loads_outside_their_band_follow_opendss_regimes(nets):
     assert sol.extra["load_regimes_settled"] and sol.extra["load_regime_rounds"] >= 2
     assert _vmag_error(sol, radial_network(narrow), pf).max() <= 1e-6
     assert _vmag_error(solve_nlp(prob, regime_rounds=1), radial_network(narrow), pf).max() > 1e-4
+
+
+@pytest.mark.parametrize("feeder", ["ieee37", "ieee123"])
+def test_bus_injection_form_reaches_the_branch_flow_optimum(nets, feeder):
+    """Two statements of one model: eliminating the branch currents (``I = -K^-1 A V``, the nodal
+    admittance form) must not move the optimum. IEEE 37 is ungrounded with line-to-line loads; IEEE
+    123 has closed switches and the pinned floating secondary at bus 610, which keep their current."""
+    net = nets[feeder]
+    prob = OPFProblem(net, pv_sites(net, 0.1, 0), objective="substation_power", vmin=0.9, vmax=1.1)
+    bf, bim = (solve_nlp(prob, form=f) for f in ("branch_flow", "bus_injection"))
+    assert bim.objective == pytest.approx(bf.objective, rel=1e-9)
+    assert np.abs(bim.extra["V"] - bf.extra["V"]).max() < 1e-6
+    assert np.abs(bim.extra["I"] - bf.extra["I"]).max() < 1e-5
+    kept = len(bim.extra["model"].branch_nodes)
+    assert 0 < kept < len(prob.radial.nodes) // 4          # most currents are gone ...
+    assert bf.extra["variables"] - bim.extra["variables"] == 2 * (len(bf.extra["model"].nonroot) - kept)
+    with pytest.raises(ValueError, match="unknown NLP form 'polar'"):
+        solve_nlp(prob, form="polar")

@@ -35,6 +35,8 @@ from dopfkit.network.math_model import GROUND, Network
 from dopfkit.network.primitives import capacitor_susceptance
 from dopfkit.network.report import APPROXIMATED
 
+IDEAL_Z = 1e-6     # pu: a closed switch (OpenDSS gives it ~1e-8 pu); relaxations and the bus injection
+                   # form treat it as ideal
 PINV_RCOND = 1e-4   # anti-float shunts are ~1e-6 of the leakage admittance: drop them, keep the rest
 
 

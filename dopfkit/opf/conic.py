@@ -86,13 +86,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from dopfkit.network.radial import RadialBranch, RadialNetwork
+from dopfkit.network.radial import IDEAL_Z, RadialBranch, RadialNetwork
 from dopfkit.opf.lindist3flow import pair_voltages_squared
 from dopfkit.opf.loadlaws import linearized_loads
 from dopfkit.opf.problem import FormulationSolution, OPFInfeasibleError, OPFProblem, der_injection_map
 
 RANK_TOL = 1e-5        # second / first eigenvalue of M_b below this: numerically rank one
-IDEAL_Z = 1e-6         # pu: a closed switch (OpenDSS gives it ~1e-8 pu) is modelled as ideal
 NULL_Z = 1e-9          # singular values of Z below this (relative) span a path no current takes
 ELASTIC_PENALTY = 1e3  # per pu^2 of voltage-limit violation in the infeasibility diagnosis
 

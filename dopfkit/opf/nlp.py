@@ -49,7 +49,7 @@ import scipy.sparse as sp
 from pyomo.opt import TerminationCondition
 
 from dopfkit import solvers
-from dopfkit.network.radial import RadialNetwork
+from dopfkit.network.radial import IDEAL_Z, RadialNetwork
 from dopfkit.opf.lindist3flow import BlockTriplets
 from dopfkit.opf.loadlaws import BAND, load_laws, load_regimes
 from dopfkit.opf.problem import FormulationSolution, OPFInfeasibleError, OPFProblem, der_ends
@@ -165,26 +165,44 @@ def _law(x, terms) -> object:
 MAX_REGIME_ROUNDS = 6
 
 
-def build_nlp(problem: OPFProblem, elastic: bool = False, regimes=None) -> pyo.ConcreteModel:
+FORMS = ("branch_flow", "bus_injection")
+
+
+def build_nlp(problem: OPFProblem, elastic: bool = False, regimes=None,
+              form: str = "branch_flow") -> pyo.ConcreteModel:
     """The Pyomo model of ``problem`` (not solved). ``elastic=True`` adds nonnegative slacks to the
     families in :data:`ELASTIC`, penalized in the objective, for diagnosing infeasibility;
-    ``regimes``: each load pair's regime (:func:`load_regimes`; default: all in their band)."""
+    ``regimes``: each load pair's regime (:func:`load_regimes`; default: all in their band);
+    ``form``: ``"branch_flow"`` or ``"bus_injection"`` (:func:`eliminated_currents`)."""
+    if form not in FORMS:
+        raise ValueError(f"unknown NLP form {form!r}; choose one of {', '.join(FORMS)}")
     radial = problem.radial
-    st = _structure(radial, _pinned_islands(problem))
+    pinned = _pinned_islands(problem)
+    st = _structure(radial, pinned)
     n, nonroot, roots = radial.n, st.nonroot, radial.root
     m = pyo.ConcreteModel(name=f"nlp_{radial.network.name}")
     m.nodes, m.nonroot = pyo.Set(initialize=range(n)), pyo.Set(initialize=nonroot.tolist())
     m.Vr, m.Vi = pyo.Var(m.nodes, initialize=1.0), pyo.Var(m.nodes, initialize=0.0)
-    m.Ir, m.Ii = pyo.Var(m.nonroot, initialize=0.0), pyo.Var(m.nonroot, initialize=0.0)
+    G, kept = eliminated_currents(st, pinned) if form == "bus_injection" else (None, nonroot)
+    m.branch_nodes = pyo.Set(initialize=kept.tolist())        # nodes whose feeding current is a variable
+    if G is None:
+        m.Ir, m.Ii = pyo.Var(m.nonroot, initialize=0.0), pyo.Var(m.nonroot, initialize=0.0)
+        m._current_vars = (m.Ir, m.Ii)
+    else:                                                      # I = G V on the other rows
+        m.Ir_kept, m.Ii_kept = (pyo.Var(m.branch_nodes, initialize=0.0) for _ in range(2))
+        m._current_vars = (m.Ir_kept, m.Ii_kept)
+        gr, gi = _complex_rows(G, m.Vr, m.Vi, np.setdiff1d(nonroot, kept))
+        m.Ir = pyo.Expression(m.nonroot, rule=lambda m, c: m.Ir_kept[c] if c in m.branch_nodes else gr[c])
+        m.Ii = pyo.Expression(m.nonroot, rule=lambda m, c: m.Ii_kept[c] if c in m.branch_nodes else gi[c])
     e0 = np.sqrt(radial.v_root) * radial.alpha[roots]
     for k, e in zip(roots, e0):
         m.Vr[k].fix(e.real), m.Vi[k].fix(e.imag)
     _ders(m, problem)
 
     # branch law: V_c - (N V)_c + (Z I)_c = 0
-    vr, vi = _complex_rows(st.A_V, m.Vr, m.Vi, nonroot)
-    kr, ki = _complex_rows(st.K_I, m.Ir, m.Ii, nonroot)
-    m.branch_law = pyo.Constraint(m.nonroot, ["re", "im"], rule=lambda m, c, part:
+    vr, vi = _complex_rows(st.A_V, m.Vr, m.Vi, kept)
+    kr, ki = _complex_rows(st.K_I, m.Ir, m.Ii, kept)
+    m.branch_law = pyo.Constraint(m.branch_nodes, ["re", "im"], rule=lambda m, c, part:
                                   (vr[c] + kr[c] if part == "re" else vi[c] + ki[c]) == 0)
     zr, zi = _complex_rows(st.Z, m.Ir, m.Ii, st.lossy)
     # net current into every node: own feed minus what child branches and shunts draw
@@ -210,6 +228,26 @@ def build_nlp(problem: OPFProblem, elastic: bool = False, regimes=None) -> pyo.C
     m.objective = pyo.Objective(expr=obj, sense=pyo.minimize)
     m._structure = st
     return m
+
+
+def eliminated_currents(st: _Structure, pinned=()) -> tuple[sp.csr_matrix, np.ndarray]:
+    """The bus injection form: ``(G, kept)`` with ``I_c = (G V)_c`` on every non-root node ``c`` not in
+    ``kept``, the branch law ``A_V V + K_I I = 0`` solved branch by branch (``I = -K_I^-1 A_V V``).
+    The power balances then read ``V_k conj(X_k)`` with ``X = -Y V``, ``Y`` the nodal admittance
+    matrix of chapter 2. Two kinds of branch keep their current as a variable and their law as a
+    constraint (``kept``): closed switches (``|Z|`` below :data:`~dopfkit.network.radial.IDEAL_Z`,
+    an admittance of a million per unit or more, which would swamp Ipopt's scaling) and the pinned
+    floating secondaries, whose pseudo-inverse ``Z`` is singular."""
+    r = st.radial
+    K_inv, kept = BlockTriplets(), []
+    for b, br in enumerate(r.branches):
+        c = br.child
+        if b in pinned or (br.Y is None and np.abs(br.Z).max() < IDEAL_Z):
+            kept.append(c)
+        else:
+            K_inv.add(c, c, np.linalg.inv(st.K_I[c][:, c].toarray()))
+    G = -(K_inv.matrix((r.n, r.n)) @ st.A_V).tocsr()
+    return G, np.sort(np.concatenate(kept)) if kept else np.zeros(0, int)
 
 
 def _ders(m, problem: OPFProblem) -> None:
@@ -338,8 +376,10 @@ def _set_point(m, problem: OPFProblem, V: np.ndarray) -> None:
         k = len(br.parent)
         cur[br.child] = (-(br.Y[k:, :k] @ V[br.parent] + br.Y[k:, k:] @ V[br.child]) if br.Y is not None
                          else np.linalg.lstsq(br.Z, br.N @ V[br.parent] - V[br.child], rcond=None)[0])
+    ir, ii = m._current_vars
+    for k in m.branch_nodes:
+        ir[k].set_value(cur[k].real), ii[k].set_value(cur[k].imag)
     for k in m.nonroot:
-        m.Ir[k].set_value(cur[k].real), m.Ii[k].set_value(cur[k].imag)
         m.Vr[k].set_value(V[k].real), m.Vi[k].set_value(V[k].imag)
     ld = radial.loads
     s = ld["s_pu"].to_numpy(complex) * np.where(ld["scalable"].to_numpy(bool), problem.load_scale, 1.0)
@@ -380,19 +420,27 @@ def _run_ipopt(m, solver: str, tol: float, options: dict):
 
 
 def solve_nlp(problem: OPFProblem, solver: str = "ipopt", tol: float = 1e-8, warm_start: bool = True,
-              regime_rounds: int = MAX_REGIME_ROUNDS, **options) -> FormulationSolution:
-    """Solve the exact branch-flow OPF. Options go to Ipopt (``max_iter=...``, ``print_level=5``).
-    ``regime_rounds``: most solves of the loads' regime loop (1: every load kept in its regime at 1 pu).
+              regime_rounds: int = MAX_REGIME_ROUNDS, form: str = "branch_flow",
+              **options) -> FormulationSolution:
+    """Solve the exact OPF, in branch-flow form or in bus injection form (``form="bus_injection"``:
+    the same model with the branch currents eliminated, :func:`eliminated_currents`). Options go to
+    Ipopt (``max_iter=...``, ``print_level=5``). ``regime_rounds``: most solves of the loads' regime
+    loop (1: every load kept in its regime at 1 pu).
 
     Raises :class:`OPFInfeasibleError` (naming the constraint family an elastic re-solve had to
     relax) when Ipopt does not reach an optimum.
     """
+    if form == "bus_injection":
+        # Ipopt's default scaling divides each row by its largest derivative, and the nodal balances
+        # carry admittances of 1e3-1e4 pu: the scaled tolerance then left IEEE 123's objective 6e-6
+        # above the branch-flow form's; unscaled, the two agree to 1e-11
+        options = {"nlp_scaling_method": "none", **options}
     radial = problem.radial
     regimes = load_regimes(radial, radial.alpha)       # at 1 pu, the reference angles
     V, build_time, solve_time, iters = None, 0.0, 0.0, None
     for rounds in range(1, regime_rounds + 1):           # active set over the loads' regimes
         t0 = time.perf_counter()
-        m = build_nlp(problem, regimes=regimes)
+        m = build_nlp(problem, regimes=regimes, form=form)
         if V is None:
             initialize(m, problem, warm_start)
         else:
@@ -401,7 +449,7 @@ def solve_nlp(problem: OPFProblem, solver: str = "ipopt", tol: float = 1e-8, war
         tc, message, it, seconds, plugin = _run_ipopt(m, solver, tol, options)
         solve_time, iters = solve_time + seconds, it if iters is None else iters + (it or 0)
         if tc not in _OK:
-            raise _diagnose(problem, solver, tol, options, warm_start, message, regimes)
+            raise _diagnose(problem, solver, tol, options, warm_start, message, regimes, form)
         V = _values(m, problem)[0]
         found = load_regimes(problem.radial, V)
         settled = np.array_equal(found, regimes)
@@ -409,7 +457,8 @@ def solve_nlp(problem: OPFProblem, solver: str = "ipopt", tol: float = 1e-8, war
             break
         regimes = found
     sol = _solution(m, problem, build_time, solve_time, plugin, iters, message)
-    sol.extra.update(load_regime_rounds=rounds, load_regimes_settled=settled)
+    sol.extra.update(load_regime_rounds=rounds, load_regimes_settled=settled, form=form,
+                     variables=m.nvariables(), constraints=m.nconstraints())
     return sol
 
 
@@ -453,10 +502,11 @@ _MEANING = {
 }
 
 
-def _diagnose(problem: OPFProblem, solver, tol, options, warm_start, message, regimes=None) -> Exception:
+def _diagnose(problem: OPFProblem, solver, tol, options, warm_start, message, regimes=None,
+              form="branch_flow") -> Exception:
     """Re-solve with slacks on the limit families; name the family that needed them."""
     name, limit_names = problem.network.name, problem.voltage_limits().names
-    m = build_nlp(problem, elastic=True, regimes=regimes)
+    m = build_nlp(problem, elastic=True, regimes=regimes, form=form)
     initialize(m, problem, warm_start)
     tc, msg2, *_ = _run_ipopt(m, solver, tol, {"max_iter": 500, **options})   # bounded diagnosis
     head = (f"NLP OPF on {name} ({problem.objective}, vmin={problem.vmin}, vmax={problem.vmax}): "
