@@ -11,7 +11,8 @@ Per feeder:
 * the same, re-linearized at its own previous solution (branch losses held, reference angles
   moved or not), pass after pass;
 * the OPF (PV at a seeded 10% of the load phases, objective "substation_power", limits 0.9-1.1 pu
-  at the load nodes) with each formulation (LinDist3Flow also re-linearized twice): build time,
+  at the load nodes) with each formulation (LinDist3Flow also re-linearized twice, the NLP also in
+  bus injection form): build time,
   solve time (best of ``repeat``), objective, and the check of its set-points in the exact power flow;
 * distopf's own LinDistFlow on its bundled case (benchmarks.peers), where it runs.
 """
@@ -35,8 +36,9 @@ OUT = Path(__file__).resolve().parents[1] / "data" / "results" / "opf.json"
 FEEDERS = ["ieee13", "ieee34", "ieee37", "ieee123", "ieee8500", "ieee9500"]
 RELINEARIZE = 2      # passes of the re-linearized LinDist3Flow OPF
 # formulations tried per feeder (the conic ones lift every branch into a dense matrix)
-HEAVY = {"nlp": {"ieee13", "ieee34", "ieee37", "ieee123"}, "socp": {"ieee13", "ieee123"},
-         "sdp": {"ieee13", "ieee123"}}
+HEAVY = {"nlp": {"ieee13", "ieee34", "ieee37", "ieee123"}, "nlp_bus_injection": {"ieee13", "ieee123"},
+         "socp": {"ieee13", "ieee123"}, "sdp": {"ieee13", "ieee123"}}
+VARIANTS = {"nlp_bus_injection": ("nlp", {"form": "bus_injection"})}   # record key: (formulation, options)
 
 
 def linear_error(net) -> dict:
@@ -101,6 +103,7 @@ def run_formulation(net, formulation, ders, repeat: int, **options) -> dict:
     return {"status": s.status, "solver": s.solver, "objective_pu": s.objective,
             "build_s": s.build_time, "solve_s": s.solve_time, "total_s": total,
             "lp_shape": list(s.extra.get("lp_shape", ())) or None,
+            "nlp_size": {k: s.extra[k] for k in ("variables", "constraints") if k in s.extra} or None,
             "max_voltage_error_pu": res.check["max_voltage_error_pu"],
             "max_ground_error_pu": res.check["max_ground_error_pu"],
             "max_overvoltage_pu": res.check["max_overvoltage_pu"],
@@ -124,9 +127,10 @@ def bench_feeder(name: str, repeat: int) -> dict:
     out["opf"] = {"lindist3flow": run_formulation(net, "lindist3flow", ders, repeat),
                   f"lindist3flow_relinearized_{RELINEARIZE}": run_formulation(
                       net, "lindist3flow", ders, min(repeat, 3), relinearize=RELINEARIZE)}
-    for form, feeders in HEAVY.items():
+    for key, feeders in HEAVY.items():
         if name in feeders:
-            out["opf"][form] = run_formulation(net, form, ders, 1)
+            formulation, options = VARIANTS.get(key, (key, {}))
+            out["opf"][key] = run_formulation(net, formulation, ders, 1, **options)
     return out
 
 
