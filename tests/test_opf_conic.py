@@ -178,6 +178,12 @@ def test_sdp_voltages_match_exact_powerflow(problem13, sdp13):
     assert np.abs(np.abs(refined.extra["V"][keep]) - np.abs(V)).max() < 5e-5
     assert abs(refined.objective - losses) < 1e-4 * losses    # the lifted losses are the real ones
     assert refined.extra["share_change"][-1] < 1e-4
+    r, Vf = problem13.radial, np.zeros(problem13.radial.n, complex)     # flows: V_j conj(I_j), exact
+    Vf[keep], Vf[r.root] = V, np.sqrt(r.v_root) * r.alpha[r.root]
+    lines = [b for b in r.branches if b.kind == "line" and not conic.is_ideal(b)]
+    for b in lines:
+        current = np.linalg.solve(b.Z, b.N @ Vf[b.parent] - Vf[b.child])
+        assert np.abs(refined.flows[b.child] - Vf[b.child] * np.conj(current)).max() < 1e-4
 
 
 def test_sdp_two_solvers_agree(problem13, sdp13):

@@ -204,3 +204,31 @@ def test_bus_injection_form_reaches_the_branch_flow_optimum(nets, feeder):
     assert bf.extra["variables"] - bim.extra["variables"] == 2 * (len(bf.extra["model"].nonroot) - kept)
     with pytest.raises(ValueError, match="unknown NLP form 'polar'"):
         solve_nlp(prob, form="polar")
+
+
+def _delivered_exactly(res):
+    """The exact power flow's power delivered into each line's far node, as OPFResult.flows lists it."""
+    bf = res.exact.branch_flows()
+    far = bf[bf.terminal == 2].set_index("node")
+    flows = res.flows
+    lines = flows[flows.branch.str.startswith("line.") & flows.index.isin(far.index)]
+    exact = far.loc[lines.index]
+    assert (exact.element == lines.branch).all() and len(lines) > 20
+    return lines, -exact.P_kW, -exact.Q_kvar
+
+
+def test_flows_are_what_the_exact_power_flow_carries(nets):
+    """OPFResult.flows against the exact power flow's own branch flows at the set-points (power into
+    each line at its far terminal, negated); LinDist3Flow's lossless flows within the losses."""
+    net = nets["ieee13"]
+    ders = der_table(net, DERS_13, 300, 250)
+    lines, p, q = _delivered_exactly(solve_opf(net, formulation="nlp", objective="losses", ders=ders,
+                                               vmax=VMAX_13))
+    assert np.abs(lines.p_kw - p).max() < 1e-3
+    # OpenDSS counts the far half of a line's charging as the line's, the radial model as the bus's
+    # shunt: 0.04 kvar on IEEE 13's longest line
+    assert np.abs(lines.q_kvar - q).max() < 0.1
+    lin = solve_opf(net, objective="losses", ders=ders, vmax=VMAX_13)
+    lines, p, q = _delivered_exactly(lin)
+    assert np.abs(lines.p_kw - p).max() < lin.exact.losses.real          # lossless: off by < losses
+    assert np.abs(lines.p_kw - p).max() > 1.0                               # ... and off

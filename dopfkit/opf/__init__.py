@@ -29,7 +29,8 @@ FORMULATIONS = ("lindist3flow", "nlp", "socp", "sdp")
 
 @dataclass
 class OPFResult:
-    """Set-points, voltages and objective of one formulation, and the physics check."""
+    """Set-points, voltages, branch flows (:attr:`flows`) and objective of one formulation, and the
+    physics check."""
     problem: OPFProblem
     solution: FormulationSolution
     setpoints: pd.DataFrame        # per DER phase: node, p_kw, q_kvar
@@ -41,6 +42,17 @@ class OPFResult:
     @property
     def objective(self) -> float:
         return self.solution.objective
+
+    @property
+    def flows(self) -> pd.DataFrame:
+        """Per branch phase, by the OpenDSS node it feeds: the feeding branch and the power (kW, kvar)
+        it delivers there, as the formulation predicts it."""
+        r, s = self.problem.radial, self.solution.flows
+        fed = np.flatnonzero((r.in_branch >= 0) & (r.net_index >= 0))
+        kw = s[fed] * self.problem.network.sbase / 1e3
+        return pd.DataFrame({"branch": [r.branches[b].name for b in r.in_branch[fed]],
+                             "p_kw": kw.real, "q_kvar": kw.imag},
+                            index=self.problem.network.nodes[r.net_index[fed]])
 
     def summary(self) -> pd.Series:
         s = self.solution

@@ -604,7 +604,7 @@ def _solve(problem: OPFProblem, relaxation: str, solver: str, share_iterations: 
         q_der=np.atleast_1d(model.q.value).astype(float),
         s_root=np.asarray(model.s_root[0].value) + 1j * np.asarray(model.s_root[1].value),
         build_time=float(times[0] + times[1]), solve_time=float(times[2]), solver=f"cvxpy-{constant.lower()}",
-        iterations=iters, extra=extra)
+        iterations=iters, extra=extra, flows=maps.deliver @ x)
 
 
 def _solve_once(cp, problem, relaxation, constant, opts, loss_weight, V_share, which):

@@ -433,7 +433,15 @@ def solve_lindist3flow(problem, backend: str = "highs", solver: str | None = Non
         s_root=lp.block(x, "p_src") + 1j * lp.block(x, "q_src"), build_time=build,
         solve_time=solve_t, solver=name, iterations=iters,
         extra={"lp_shape": lp.shape, "violation": lp.violation(x), "v_root_check": v[root],
-               "relinearize": relinearize, "V": np.sqrt(np.maximum(v, 0)) * blocks.radial.alpha})
+               "relinearize": relinearize, "V": np.sqrt(np.maximum(v, 0)) * blocks.radial.alpha},
+        flows=_at_nodes(blocks, lp.block(x, "P") + 1j * lp.block(x, "Q")))
+
+
+def _at_nodes(blocks: LinDist3FlowBlocks, s: np.ndarray) -> np.ndarray:
+    """Flow-ordered values in radial-node numbering (0 at the roots)."""
+    out = np.zeros(blocks.n_nodes, complex)
+    out[blocks.flow_node] = s
+    return out
 
 
 def _solve_standard_form(lp, backend: str, solver: str | None):

@@ -484,7 +484,8 @@ def _solution(m, problem, build_time, solve_time, plugin, iters, message) -> For
         v=np.abs(V) ** 2, p_der=p, q_der=q, s_root=s_root, build_time=build_time, solve_time=solve_time,
         solver=f"ipopt ({plugin})", iterations=iters,
         extra={"V": V, "I": cur, "losses": float(pyo.value(m.losses)), "message": message, "model": m,
-               "loads_outside_band": _loads_outside_band(radial, V)})
+               "loads_outside_band": _loads_outside_band(radial, V)},
+        flows=np.where(np.isin(np.arange(radial.n), radial.root), 0, V * np.conj(cur)))
 
 
 def _loads_outside_band(radial: RadialNetwork, V: np.ndarray) -> list[str]:

@@ -218,6 +218,7 @@ class FormulationSolution:
     solver: str
     iterations: int | None = None
     extra: dict = field(default_factory=dict)   # e.g. rank or eigenvalue ratio of relaxations
+    flows: np.ndarray | None = None  # complex power each branch delivers into each node's phase (0: roots)
 
 
 class OPFInfeasibleError(RuntimeError):
