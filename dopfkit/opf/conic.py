@@ -87,7 +87,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from dopfkit.network.radial import IDEAL_Z, RadialBranch, RadialNetwork
-from dopfkit.opf.lindist3flow import pair_voltages_squared
+from dopfkit.opf.lindist3flow import BlockTriplets, pair_voltages_squared
 from dopfkit.opf.loadlaws import linearized_loads
 from dopfkit.opf.problem import FormulationSolution, OPFInfeasibleError, OPFProblem, der_injection_map
 
@@ -323,13 +323,10 @@ def _shunt_map(radial, wsel):
 
 
 def _parent_shunts(radial) -> sp.csr_matrix:
-    blocks = [(br.parent, br.parent_draw()[0]) for br in radial.branches if br.Y is not None]
-    if not blocks:
-        return sp.csr_matrix((radial.n, radial.n), dtype=complex)
-    rows = np.concatenate([np.repeat(p, len(p)) for p, _ in blocks])
-    cols = np.concatenate([np.tile(p, len(p)) for p, _ in blocks])
-    vals = np.concatenate([y.ravel() for _, y in blocks])
-    return sp.csr_matrix((vals, (rows, cols)), shape=(radial.n, radial.n))
+    shunts = BlockTriplets()
+    for br in (br for br in radial.branches if br.Y is not None):
+        shunts.add(br.parent, br.parent, br.parent_draw()[0])
+    return shunts.matrix((radial.n, radial.n))
 
 
 def _load_maps(radial, wsel, load_scale, V_share=None):

@@ -153,8 +153,8 @@ class BlockTriplets:
 
     def matrix(self, shape, real=False) -> sp.csr_matrix:
         v = np.concatenate(self.v) if self.v else np.zeros(0)
-        m = sp.csr_matrix((v.real if real else v.astype(complex),
-                           (np.concatenate(self.r), np.concatenate(self.c))), shape=shape)
+        r, c = (np.concatenate(ix) if ix else np.zeros(0, int) for ix in (self.r, self.c))
+        m = sp.csr_matrix((v.real if real else v.astype(complex), (r, c)), shape=shape)
         m.eliminate_zeros()
         return m
 

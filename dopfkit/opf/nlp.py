@@ -485,7 +485,7 @@ def _solution(m, problem, build_time, solve_time, plugin, iters, message) -> For
         solver=f"ipopt ({plugin})", iterations=iters,
         extra={"V": V, "I": cur, "losses": float(pyo.value(m.losses)), "message": message, "model": m,
                "loads_outside_band": _loads_outside_band(radial, V)},
-        flows=np.where(np.isin(np.arange(radial.n), radial.root), 0, V * np.conj(cur)))
+        flows=V * np.conj(cur))                          # cur is 0 at the roots
 
 
 def _loads_outside_band(radial: RadialNetwork, V: np.ndarray) -> list[str]:
