@@ -52,7 +52,7 @@ NBVAL_ARGS := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_
 
 help:
 	@echo "make book        venv + solvers + run changed chapters + jupyter-book build (-W -n) -> _build/html"
-	@echo "make test        venv + solvers + pytest tests + nbval on chapters/*.ipynb"
+	@echo "make test        venv + solvers + ruff + pytest tests + nbval on chapters/*.ipynb"
 	@echo "make venv        create .venv ($(PYTHON), 3.10-3.12) and install dopfkit[$(EXTRAS)] with the lock"
 	@echo "make solvers     Ipopt for Pyomo: cyipopt-wheels + PyNumero ASL (Debian libamplsolver-dev)"
 	@echo "make notebooks   re-execute every chapters/*.ipynb in place with papermill"
@@ -135,6 +135,7 @@ html: $(VENV_STAMP)
 
 # ----------------------------------------------------------------------------------------------- test
 test: $(VENV_STAMP) $(SOLVERS_STAMP)
+	$(VENV_ABS)/bin/ruff check dopfkit tests scripts $(wildcard benchmarks)
 	$(PY) -m pytest tests
 	@if [ -z "$(NOTEBOOKS)" ]; then \
 	  echo "nbval: no chapters/*.ipynb yet, nothing to check"; \

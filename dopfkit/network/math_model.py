@@ -272,12 +272,14 @@ def with_injections(net: Network, nodes, s_pu, names=None) -> Network:
     idx = net.nodes.get_indexer(first)
     to = np.array([GROUND if x is None else net.nodes.get_loc(x) if x in net.nodes else -2 for x in second])
     if (idx < 0).any() or (to == -2).any():
-        raise KeyError(f"nodes not in {net.name}: {[x for x, i, t in zip(nodes, idx, to) if i < 0 or t == -2]}")
+        missing = [x for x, i, t in zip(nodes, idx, to) if i < 0 or t == -2]
+        raise KeyError(f"nodes not in {net.name}: {missing}")
     s = -np.asarray(s_pu, complex) * net.sbase            # loads draw; injections draw negative power
     m, lp = len(idx), net.loads
     pair = to >= 0
     extra = sp.csr_matrix((np.r_[net.vbase[idx], -net.vbase[to[pair]]],
-                           (np.r_[np.arange(m), np.flatnonzero(pair)], np.r_[idx, to[pair]])), shape=(m, net.n))
+                           (np.r_[np.arange(m), np.flatnonzero(pair)], np.r_[idx, to[pair]])),
+                          shape=(m, net.n))
     v_nom = net.vbase[idx] * np.where(pair, np.sqrt(3), 1.0)    # regime band below is wide: rough is enough
     names = np.asarray(names if names is not None else [f"injection.{x}" for x in nodes])
     cat = lambda a, b: np.concatenate([a, b])  # noqa: E731

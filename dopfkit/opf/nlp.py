@@ -438,7 +438,8 @@ def solve_nlp(problem: OPFProblem, solver: str = "ipopt", tol: float = 1e-8, war
     radial = problem.radial
     regimes = load_regimes(radial, radial.alpha)       # at 1 pu, the reference angles
     V, build_time, solve_time, iters = None, 0.0, 0.0, None
-    for rounds in range(1, regime_rounds + 1):           # active set over the loads' regimes
+    for rounds in range(1, regime_rounds + 1):  # noqa: B007 (reported after the loop)
+        # an active set over the loads' regimes
         t0 = time.perf_counter()
         m = build_nlp(problem, regimes=regimes, form=form)
         if V is None:
