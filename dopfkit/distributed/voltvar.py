@@ -27,7 +27,7 @@ the model symmetric and well conditioned:
   with ``K`` unsymmetrized the gap would be 0.1% and 8%, the latter at IEEE 123's delta-delta
   transformer, whose complex power split the model replaces by ``L^T``). In closed loop on the exact
   power flow, feedback still holds the voltages at their limits; the inverters' q lands a few
-  percent of their range away from the model's optimum.
+  percent (IEEE 13) to about a fifth (IEEE 123) of their range away from the model's optimum.
 * *Referral.* Regulators and transformers scale ``v`` by their squared turns ratio. Working with
   ``v' = v / sigma`` (``sigma``: the squared voltage the turns ratios alone give, 1 at the source)
   makes every branch's map average its parents with weights summing to one, so the power split
