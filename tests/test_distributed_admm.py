@@ -107,6 +107,53 @@ def test_single_precision_follows_double_precision(case13, case123):
     assert abs(h32.objective - sol.objective) <= 1e-3 * abs(sol.objective) and h32.violation <= 1e-4
 
 
+def test_zones_are_connected_subtrees_that_refine_into_components():
+    """Every bus in one zone, each zone connected (a bus's parent is in its zone unless the bus
+    heads it), every zone but the source's at least ``zone_buses`` buses, and each component-wise
+    subsystem's rows inside one zone."""
+    from dopfkit.distributed.decomposition import bus_zones, feeder_tree
+    p = pv_problem("ieee123")
+    components = decompose(p)
+    tree = feeder_tree(p, components.lp)
+    zone = bus_zones(tree, 10)
+    heads = np.unique(zone)
+    assert (zone[heads] == heads).all()
+    inner = ~np.isin(np.arange(len(zone)), heads)
+    assert (zone[tree.parent[inner]] == zone[inner]).all()
+    size = np.bincount(zone)[heads]
+    assert (size[heads != tree.root] >= 10).all() and size.sum() == len(tree.bus_names)
+    zoned = decompose(p, components.lp, zone_buses=10)
+    assert zoned.n_subsystems == len(heads)
+    pairs = np.unique(np.c_[components.row_owner, zoned.row_owner], axis=0)
+    assert len(pairs) == components.n_subsystems                  # one zone per component
+    assert zoned.depth() < components.depth()
+
+
+def test_depth_counts_hops_between_subsystems_that_share_a_column():
+    """A chain of four subsystems, row i touching columns i and i+1: three hops from the first."""
+    import scipy.sparse as sp
+
+    from dopfkit.distributed.decomposition import decompose_rows
+    from dopfkit.opf.standard_form import StandardFormLP
+    A = sp.csr_matrix(np.eye(4, 5) + np.eye(4, 5, 1))
+    lp = StandardFormLP(c=np.zeros(5), A=A, b=np.ones(4), lower=np.zeros(5), upper=np.ones(5),
+                        columns={}, rows={})
+    names = [f"s{i}" for i in range(4)]
+    assert decompose_rows(lp, np.arange(4), names, ["node"] * 4, {"root": 0}).depth() == 3
+    assert decompose_rows(lp, np.arange(4), names, ["node"] * 4, {"root": 2}).depth() == 2
+
+
+@pytest.mark.parametrize("name, zone_buses", [("ieee13", 4), ("ieee123", 10)])
+def test_zoned_admm_matches_highs_in_fewer_iterations(name, zone_buses, case13, case123):
+    """Zones of a few buses: the same LP, the same answer, fewer hops for agreement to travel."""
+    dec, sol = (case13[1], case13[2]) if name == "ieee13" else case123
+    zoned = decompose(case13[0] if name == "ieee13" else pv_problem(name), dec.lp, zone_buses=zone_buses)
+    s = ADMMSettings(rho=30, tol=1e-3, halpern=True, reflect=1.0, max_iter=20_000)
+    res = ADMM(zoned).solve(s)
+    _check_against_highs(zoned, sol, res)
+    assert res.iterations < ADMM(dec).solve(s).iterations
+
+
 def test_warm_start_from_the_previous_step_needs_fewer_iterations():
     """A time step later the load is 2 % higher: starting from the last iterates beats a cold start
     (plain ADMM; with Anderson acceleration the counts are too erratic for a warm start to show)."""

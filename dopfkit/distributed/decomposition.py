@@ -53,13 +53,14 @@ class Decomposition:
     """The consensus form of ``lp``: which subsystem owns which rows, and the copies ``B z``."""
     lp: object                     # the StandardFormLP decomposed
     names: pd.Index                # one label per subsystem ("bus 675", "line 692675", "line ... + leaf 611")
-    kinds: np.ndarray              # "node", "line" or "line+leaf"
+    kinds: np.ndarray              # "node", "line" or "line+leaf"; "zone" with zone_buses > 1
     row_owner: np.ndarray          # (rows,) subsystem of every row of A
     copy_col: np.ndarray           # (copies,) global column of every local copy, group-major
     copy_owner: np.ndarray         # (copies,) subsystem of every copy
     n_copies: np.ndarray           # (columns,) copies per column (0: a column no row touches)
     groups: list[Group]
-    graph: dict                    # nodes, lines, leaves, subsystems (the paper's Table II counts)
+    graph: dict                    # nodes, lines, leaves, subsystems (the paper's Table II counts); root:
+                                   # the subsystem of the source bus; zone_buses where zoned
 
     @property
     def n_subsystems(self) -> int:
@@ -83,6 +84,13 @@ class Decomposition:
                              copy_col=self.copy_col[mine], copy_owner=self.copy_owner[mine],
                              n_copies=self.n_copies, groups=groups, graph=self.graph)
 
+    def depth(self) -> int:
+        """Hops from the source bus's subsystem to the farthest one, subsystems that share a column
+        being neighbours: information moves one hop per ADMM iteration, so agreement on the source's
+        power takes at least this many iterations."""
+        S = incidence(self)
+        return int(breadth_first_levels((S @ S.T).tocsr(), self.graph["root"]).max())
+
     def sizes(self) -> pd.DataFrame:
         """Local variables and rank per subsystem."""
         n = np.concatenate([np.full(g.size, g.n) for g in self.groups])
@@ -92,25 +100,52 @@ class Decomposition:
                             index=self.names[sid]).sort_index()
 
 
-def component_labels(problem, lp) -> tuple[np.ndarray, list[str], list[str], dict]:
-    """Component of every row of ``lp`` (a bus or a branch), leaves merged into their lines.
+@dataclass
+class FeederTree:
+    """The feeder as a tree of buses, and the component (bus or branch) that owns each row of the LP."""
+    bus_names: pd.Index
+    parent: np.ndarray         # (buses,) parent bus, -1 at the root
+    child_bus: np.ndarray      # (branches,) the bus each branch feeds
+    feeding: np.ndarray        # (buses,) the branch that feeds each bus, -1 at the root
+    root: int                  # the source bus
+    is_leaf: np.ndarray        # (buses,) buses with no children (the root excepted)
+    row_component: np.ndarray  # (rows,) bus b -> b, branch l -> buses + l; a leaf bus takes its branch's id
 
-    Returns ``(row_component, names, kinds, graph_counts)`` with components numbered 0..K-1."""
+    def component_bus(self, component: np.ndarray) -> np.ndarray:
+        """The bus of a component: the bus itself, or the bus a branch feeds."""
+        nb = len(self.bus_names)
+        return np.where(component < nb, component, self.child_bus[np.maximum(component - nb, 0)])
+
+    def depth(self) -> np.ndarray:
+        """Hops from the root to every bus, by pointer jumping (log(depth) vectorized passes)."""
+        anc, hops = self.parent.copy(), (self.parent >= 0).astype(int)
+        while (anc >= 0).any():
+            up = anc >= 0
+            hops = hops + np.where(up, hops[np.where(up, anc, 0)], 0)
+            anc = np.where(up, anc[np.where(up, anc, 0)], -1)
+        return hops
+
+
+def feeder_tree(problem, lp) -> FeederTree:
+    """Buses, branches and the owner of every row of ``lp``: a bus owns its power balances, its
+    inverters' capability rows and its line-to-line voltage rows; a branch owns its voltage drops."""
     r = problem.radial
     bus_of_node = r.nodes.str.rsplit(".", n=1).str[0]
     bus_code, bus_names = pd.factorize(bus_of_node)
     nb, nl = len(bus_names), len(r.branches)
     parent_bus = np.array([bus_code[br.parent[0]] for br in r.branches])
     child_bus = np.array([bus_code[br.child[0]] for br in r.branches])
+    root = int(bus_code[r.root[0]])
     is_leaf = ~np.isin(np.arange(nb), parent_bus)
-    is_leaf[bus_code[r.root]] = False
+    is_leaf[root] = False
     feeding = np.full(nb, -1)
     feeding[child_bus] = np.arange(nl)
+    parent = np.full(nb, -1)
+    parent[child_bus] = parent_bus
     # component ids: buses 0..nb-1, lines nb..nb+nl-1; a leaf bus takes its feeding line's id
     comp_of_bus = np.where(is_leaf, nb + feeding, np.arange(nb))
     rows = np.empty(lp.A.shape[0], dtype=int)
-    n = r.n
-    flow_node = np.setdiff1d(np.arange(n), r.root)
+    flow_node = np.setdiff1d(np.arange(r.n), r.root)
     rows[lp.rows["power balance P"]] = comp_of_bus[bus_code]
     rows[lp.rows["power balance Q"]] = comp_of_bus[bus_code]
     rows[lp.rows["voltage drop"]] = nb + r.in_branch[flow_node]
@@ -121,27 +156,77 @@ def component_labels(problem, lp) -> tuple[np.ndarray, list[str], list[str], dic
         rows[k] = np.repeat(comp_of_bus[bus_code[problem.ders["node"].to_numpy()]], per)
     ll = problem.voltage_limits()                               # a bus's line-to-line limits
     rows[lp.rows["line-to-line voltage"]] = comp_of_bus[bus_code[ll.node[ll.pair]]]
-    used, rows = np.unique(rows, return_inverse=True)          # drop the absorbed leaf ids
-    labels = np.concatenate([[f"bus {b}" for b in bus_names],
-                             [f"line {br.name}" for br in r.branches]]).astype(object)
+    return FeederTree(bus_names=bus_names, parent=parent, child_bus=child_bus, feeding=feeding, root=root,
+                      is_leaf=is_leaf, row_component=rows)
+
+
+def component_labels(problem, lp) -> tuple[np.ndarray, list[str], list[str], dict]:
+    """Component of every row of ``lp`` (a bus or a branch), leaves merged into their lines.
+
+    Returns ``(row_component, names, kinds, graph_counts)`` with components numbered 0..K-1."""
+    tree = feeder_tree(problem, lp)
+    branches = problem.radial.branches
+    nb, nl = len(tree.bus_names), len(branches)
+    used, rows = np.unique(tree.row_component, return_inverse=True)   # drop the absorbed leaf ids
+    labels = np.concatenate([[f"bus {b}" for b in tree.bus_names],
+                             [f"line {br.name}" for br in branches]]).astype(object)
     kinds = np.array(["node"] * nb + ["line"] * nl, dtype=object)
-    leaf_of_line = {nb + feeding[b]: bus_names[b] for b in np.flatnonzero(is_leaf)}
-    for c, b in leaf_of_line.items():
-        labels[c] = f"{labels[c]} + leaf {b}"
+    for b in np.flatnonzero(tree.is_leaf):
+        c = nb + tree.feeding[b]
+        labels[c] = f"{labels[c]} + leaf {tree.bus_names[b]}"
         kinds[c] = "line+leaf"
-    graph = {"nodes": nb, "lines": nl, "leaves": int(is_leaf.sum()), "subsystems": len(used)}
+    graph = {"nodes": nb, "lines": nl, "leaves": int(tree.is_leaf.sum()), "subsystems": len(used),
+             "root": int(np.searchsorted(used, tree.root))}
     return rows, list(labels[used]), list(kinds[used]), graph
 
 
-def decompose(problem, lp=None, rank_tol: float = RANK_TOL) -> Decomposition:
-    """Decompose the LinDist3Flow standard form of ``problem`` (built if ``lp`` is None)."""
+def bus_zones(tree: FeederTree, zone_buses: int) -> np.ndarray:
+    """Cut the feeder into connected zones of at least ``zone_buses`` buses where the tree allows:
+    going up from the deepest buses, a bus closes a zone (becomes its head) once it and the buses
+    gathered below it number ``zone_buses``; the root closes the last one. Returns every bus's head."""
+    depth = tree.depth()
+    weight = np.ones(len(depth))
+    head = np.zeros(len(depth), bool)
+    for level in range(depth.max(), 0, -1):                    # vectorized within a level
+        b = np.flatnonzero(depth == level)
+        head[b] = weight[b] >= zone_buses
+        open_ = b[~head[b]]
+        np.add.at(weight, tree.parent[open_], weight[open_])
+    head[tree.root] = True
+    zone = np.arange(len(depth))
+    for level in range(1, depth.max() + 1):                    # heads first, then downwards
+        b = np.flatnonzero((depth == level) & ~head)
+        zone[b] = zone[tree.parent[b]]
+    return zone
+
+
+def zone_labels(problem, lp, zone_buses: int) -> tuple[np.ndarray, list[str], list[str], dict]:
+    """Like :func:`component_labels`, with the components merged into :func:`bus_zones`."""
+    tree = feeder_tree(problem, lp)
+    zone = bus_zones(tree, zone_buses)
+    used, rows = np.unique(zone[tree.component_bus(tree.row_component)], return_inverse=True)
+    size = np.bincount(zone, minlength=len(zone))[used]
+    names = [f"zone {tree.bus_names[h]} ({n} bus{'es' if n > 1 else ''})" for h, n in zip(used, size)]
+    graph = {"nodes": len(tree.bus_names), "lines": len(tree.child_bus), "leaves": int(tree.is_leaf.sum()),
+             "zone_buses": int(zone_buses), "subsystems": len(used),
+             "root": int(np.searchsorted(used, tree.root))}
+    return rows, names, ["zone"] * len(used), graph
+
+
+def decompose(problem, lp=None, zone_buses: int = 1, rank_tol: float = RANK_TOL) -> Decomposition:
+    """Decompose the LinDist3Flow standard form of ``problem`` (built if ``lp`` is None).
+
+    ``zone_buses=1``: the paper's component-wise decomposition (one subsystem per bus and per line,
+    leaves merged). ``zone_buses=k > 1``: one subsystem per connected zone of about ``k`` buses
+    (:func:`bus_zones`): fewer, larger subsystems, so agreement crosses the feeder in fewer hops."""
     if lp is None:
         from dopfkit.opf.lindist3flow import lindist3flow_lp
         lp = lindist3flow_lp(problem)
     if lp.Q is not None and sp.triu(lp.Q, 1).nnz:
         raise NotImplementedError("ADMM takes linear or diagonal quadratic objectives; this Q has "
                                   "off-diagonal entries")
-    row_owner, names, kinds, graph = component_labels(problem, lp)
+    labels = component_labels(problem, lp) if zone_buses <= 1 else zone_labels(problem, lp, zone_buses)
+    row_owner, names, kinds, graph = labels
     return decompose_rows(lp, row_owner, names, kinds, graph, rank_tol)
 
 
@@ -215,3 +300,22 @@ def _group(n, members, start_of, A, owner, nz_local_col, row_owner, row_rank, b,
                          f"(residual {resid[bad].max():.2e}): no local point satisfies A_s x = b_s")
     return Group(n=int(n), start=int(start_of[members[0]]), subsystems=members, P=P, k=k,
                  rank=keep.sum(axis=1))
+
+
+def incidence(dec: Decomposition) -> sp.csr_matrix:
+    """(subsystems, columns) 0/1 matrix: which subsystem holds a copy of which column."""
+    shape = (dec.n_subsystems, dec.lp.A.shape[1])
+    return sp.csr_matrix((np.ones(len(dec.copy_col)), (dec.copy_owner, dec.copy_col)), shape=shape)
+
+
+def breadth_first_levels(adj: sp.csr_matrix, root: int) -> np.ndarray:
+    """Hops from ``root`` (-1: unreachable)."""
+    level = np.full(adj.shape[0], -1)
+    level[root] = 0
+    front, d = np.array([root]), 0
+    while len(front):
+        d += 1
+        nxt = np.unique(adj[front].indices)
+        front = nxt[level[nxt] < 0]
+        level[front] = d
+    return level

@@ -29,7 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from dopfkit.distributed.admm import ADMM, ADMMSettings
-from dopfkit.distributed.decomposition import Decomposition, decompose
+from dopfkit.distributed.decomposition import Decomposition, breadth_first_levels, decompose, incidence
 from dopfkit.opf.problem import pv_problem
 
 EXCHANGES = ("shared", "full")
@@ -38,12 +38,6 @@ ORDERS = ("tree", "index")
 
 
 # -- partition ---------------------------------------------------------------------------------------
-def incidence(dec: Decomposition) -> sp.csr_matrix:
-    """(subsystems, columns) 0/1 matrix: which subsystem holds a copy of which column."""
-    shape = (dec.n_subsystems, dec.lp.A.shape[1])
-    return sp.csr_matrix((np.ones(len(dec.copy_col)), (dec.copy_owner, dec.copy_col)), shape=shape)
-
-
 def tree_order(dec: Decomposition, root: int = 0) -> np.ndarray:
     """Subsystems in depth-first order of the feeder tree from ``root``, the heaviest branch last.
 
@@ -93,19 +87,6 @@ def spanning_tree(dec: Decomposition, root: int = 0) -> tuple[np.ndarray, np.nda
     parent = np.full(K, -1)
     parent[child[pick][first]] = par[pick][first]
     return parent, level
-
-
-def breadth_first_levels(adj: sp.csr_matrix, root: int) -> np.ndarray:
-    """Hops from ``root`` (-1: unreachable)."""
-    level = np.full(adj.shape[0], -1)
-    level[root] = 0
-    front, d = np.array([root]), 0
-    while len(front):
-        d += 1
-        nxt = np.unique(adj[front].indices)
-        front = nxt[level[nxt] < 0]
-        level[front] = d
-    return level
 
 
 def subsystem_work(dec: Decomposition) -> np.ndarray:
@@ -284,6 +265,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int, default=50_000)
     p.add_argument("--share", type=float, default=0.1, help="share of load phases with PV")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zone-buses", type=int, default=1,
+                   help="subsystems: 1 = the paper's components, k > 1 = zones of about k buses")
     p.add_argument("--exchange", choices=EXCHANGES, default="shared",
                    help="allreduce only the columns on several ranks, or all columns")
     p.add_argument("--order", choices=ORDERS, default="tree",
@@ -301,7 +284,8 @@ def main(argv=None) -> int:
     problem = pv_problem(args.feeder, share=args.share, seed=args.seed)
     settings = ADMMSettings(rho=args.rho, tol=args.tol, max_iter=args.max_iter, halpern=args.halpern,
                             reflect=1.0 if args.halpern else 0.0)
-    out = run_mpi_admm(problem, comm, settings, exchange=args.exchange, order=args.order,
+    dec = decompose(problem, zone_buses=args.zone_buses)
+    out = run_mpi_admm(dec, comm, settings, exchange=args.exchange, order=args.order,
                        split_wait=args.split_wait)
     out["feeder"] = args.feeder
     if comm.Get_rank() == 0:
