@@ -89,7 +89,7 @@ class Decomposition:
         being neighbours: information moves one hop per ADMM iteration, so agreement on the source's
         power takes at least this many iterations."""
         S = incidence(self)
-        return int(breadth_first_levels((S @ S.T).tocsr(), self.graph["root"]).max())
+        return int(breadth_first_levels((S @ S.T).tocsr(), self.graph.get("root", 0)).max())
 
     def sizes(self) -> pd.DataFrame:
         """Local variables and rank per subsystem."""

@@ -1,0 +1,128 @@
+"""GPU benchmark: the CuPy paths beside their CPU peers, all measured in one run on the GPU machine.
+Writes data/results/gpu.json.
+
+    python -m benchmarks.gpu [--feeders ...] [--admm-feeders ...] [--out PATH] [--device gpu|cpu]
+
+* Batched power flow (chapter 2): 1000 load scenarios per feeder, dopfkit's batch on the GPU (float64)
+  against OpenDSS solving them one after another (warm-started: its fastest sequential mode) and
+  dopfkit's CPU batch on the same machine (``dopfkit_device``: the GPU batch; ``dopfkit_cpu``: numpy),
+  with the largest |V_gpu - V_cpu|. Target: GPU throughput at
+  least 10 times OpenDSS's.
+* ADMM (chapter 7): the restarted Halpern iteration to convergence on numpy (one BLAS thread) and on
+  CuPy in float64 and float32, each against HiGHS on the centralized LP; and the paper's algorithm over
+  a fixed number of iterations for the time per iteration (``numpy_float64``, ``device_float64``,
+  ``device_float32``). Target: IEEE 8500's total time on the GPU
+  at least 20 times below the CPU run.
+
+``--device cpu`` runs the same code with numpy in place of CuPy (a dry run on a machine without a
+GPU: nothing it measures is a GPU figure, and the record says so). ``scripts/device_check.sh`` runs
+this on a lent GPU machine.
+"""
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")          # numpy on one core, as in benchmarks.admm
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import dopfkit as dk  # noqa: E402
+from benchmarks import write_results  # noqa: E402
+from benchmarks.admm import run  # noqa: E402
+from benchmarks.powerflow import dopfkit_batch, machine, opendss_sequential  # noqa: E402
+from dopfkit.backend import gpu_available  # noqa: E402
+from dopfkit.distributed import ADMM, ADMMSettings, decompose  # noqa: E402
+from dopfkit.opf import pv_problem  # noqa: E402
+from dopfkit.opf.standard_form import solve_highs  # noqa: E402
+from dopfkit.powerflow import ZBusSolver  # noqa: E402
+
+OUT = Path(__file__).resolve().parents[1] / "data" / "results" / "gpu.json"
+FEEDERS = ["ieee13", "ieee34", "ieee37", "ieee123", "ieee8500", "ieee9500"]
+ADMM_FEEDERS = ["ieee13", "ieee123", "ieee8500"]
+HALPERN_RHO = {"ieee13": 10.0, "ieee37": 10.0, "ieee123": 3.0, "ieee8500": 30.0}   # admm.json's best
+TOL, MAX_ITER, FIXED_ITER = 1e-3, 60_000, 2_000
+
+
+def bench_powerflow(name: str, device: str, batch: np.ndarray) -> dict:
+    net = dk.load_feeder(name)
+    rec = {"nodes": net.n, "scenarios": len(batch),
+           "opendss_sequential": 1.0 / opendss_sequential(batch)}
+    cpu = ZBusSolver(net)
+    rec["dopfkit_cpu"] = dopfkit_batch(cpu, batch)
+    dev = ZBusSolver(net, device=device)
+    dev.solve(batch[:8])                                   # warm-up: CUDA context, kernels, schedule
+    rec["dopfkit_device"] = dopfkit_batch(dev, batch, chunk=len(batch))
+    v_cpu = cpu.solve(batch[:50], raise_on_fail=False).V
+    v_dev = dev.solve(batch[:50], raise_on_fail=False).V
+    rec["max_abs_difference_pu"] = float(np.abs(np.asarray(v_cpu) - _host(v_dev)).max())
+    rec["ratio_to_opendss"] = rec["dopfkit_device"] / rec["opendss_sequential"]
+    return rec
+
+
+def bench_admm(name: str, device: str) -> dict:
+    dec = decompose(pv_problem(name))
+    lp = dec.lp
+    highs = solve_highs(lp, **({"solver": "ipm"} if lp.A.shape[1] > 5000 else {}))
+    rec = {"columns": lp.A.shape[1], "subsystems": dec.n_subsystems, "highs_objective": highs.objective,
+           "halpern_rho": HALPERN_RHO[name]}
+    halpern = {"rho": HALPERN_RHO[name], "tol": TOL, "halpern": True, "reflect": 1.0, "max_iter": MAX_ITER}
+    fixed = {"rho": 100.0, "tol": 0.0, "max_iter": FIXED_ITER}
+    for label, dev, dtype in (("numpy_float64", "cpu", np.float64), ("device_float64", device, np.float64),
+                              ("device_float32", device, np.float32)):
+        admm = ADMM(dec, device=dev, dtype=dtype)
+        admm.solve(ADMMSettings(rho=100.0, max_iter=20, tol=0.0))       # CUDA context, kernel caches
+        check = {} if dev == "cpu" else {"check_every": 50}
+        paper = admm.solve(ADMMSettings(**fixed, **check))
+        rec[label] = {"halpern": run(admm, highs.objective, **halpern, **check),
+                      "paper_per_iteration_ms": 1e3 * paper.times["iteration"]}
+        print(f"  {name} {label}: Halpern {rec[label]['halpern']['iterations']} iterations, "
+              f"{rec[label]['halpern']['total_s']:.2f} s; paper's step "
+              f"{rec[label]['paper_per_iteration_ms']:.3f} ms", flush=True)
+    rec["speedup_total_halpern"] = {
+        k: rec["numpy_float64"]["halpern"]["total_s"] / rec[k]["halpern"]["total_s"]
+        for k in ("device_float64", "device_float32")}
+    return rec
+
+
+def _host(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--feeders", nargs="*", default=FEEDERS)
+    ap.add_argument("--admm-feeders", nargs="*", default=ADMM_FEEDERS)
+    ap.add_argument("--scenarios", type=int, default=1000)
+    ap.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    if args.device == "gpu" and not gpu_available():
+        raise SystemExit("benchmarks.gpu: no CUDA GPU with CuPy here; use --device cpu for a dry run")
+    batch = np.random.default_rng(2024).uniform(0.5, 1.2, args.scenarios)
+    results = {"machine": machine(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "device": args.device,
+               "settings": {"scenarios": args.scenarios, "admm_tol": TOL, "admm_max_iter": MAX_ITER,
+                            "paper_fixed_iterations": FIXED_ITER, "numpy_threads": 1},
+               "powerflow": {}, "admm": {}}
+    for name in args.feeders:
+        t = time.perf_counter()
+        results["powerflow"][name] = rec = bench_powerflow(name, args.device, batch)
+        print(f"{name}: {rec['dopfkit_device']:.0f} scenarios/s on {args.device}, CPU batch "
+              f"{rec['dopfkit_cpu']:.0f}, OpenDSS {rec['opendss_sequential']:.0f} "
+              f"({rec['ratio_to_opendss']:.1f}x OpenDSS; {time.perf_counter() - t:.0f} s)", flush=True)
+        write_results(results, args.out)                   # keep what is done if the run is cut off
+    for name in args.admm_feeders:
+        results["admm"][name] = bench_admm(name, args.device)
+        write_results(results, args.out)
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

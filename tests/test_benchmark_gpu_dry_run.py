@@ -1,0 +1,20 @@
+"""The GPU benchmark's dry run (numpy in place of CuPy): a lent GPU machine has minutes to spare, so
+the script it runs (scripts/device_check.sh -> benchmarks.gpu) must be known to work before it goes."""
+import json
+
+from benchmarks import gpu
+
+
+def test_gpu_benchmark_dry_run_writes_a_consistent_record(tmp_path):
+    out = tmp_path / "gpu.json"
+    gpu.main(["--device", "cpu", "--feeders", "ieee13", "--admm-feeders", "ieee13", "--scenarios", "40",
+              "--out", str(out)])
+    rec = json.loads(out.read_text())
+    assert rec["device"] == "cpu"
+    pf = rec["powerflow"]["ieee13"]
+    assert pf["max_abs_difference_pu"] < 1e-9 and pf["opendss_sequential"] > 0
+    admm = rec["admm"]["ieee13"]
+    for variant in ("numpy_float64", "device_float64", "device_float32"):
+        run = admm[variant]["halpern"]
+        assert run["converged"] and run["gap_rel"] <= 1e-4 and run["violation"] <= 1e-4
+    assert admm["numpy_float64"]["halpern"]["iterations"] == admm["device_float64"]["halpern"]["iterations"]
