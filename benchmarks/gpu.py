@@ -11,8 +11,8 @@ Writes data/results/gpu.json.
 * ADMM (chapter 7): the restarted Halpern iteration to convergence on numpy (one BLAS thread) and on
   CuPy in float64 and float32, each against HiGHS on the centralized LP; and the paper's algorithm over
   a fixed number of iterations for the time per iteration (``numpy_float64``, ``device_float64``,
-  ``device_float32``). Target: IEEE 8500's total time on the GPU
-  at least 20 times below the CPU run.
+  ``device_float32``); and the zoned decomposition (chapter 7) on numpy and the GPU. Target: IEEE
+  8500's total time on the GPU at least 20 times below the CPU run.
 
 ``--device cpu`` runs the same code with numpy in place of CuPy (a dry run on a machine without a
 GPU: nothing it measures is a GPU figure, and the record says so). ``scripts/device_check.sh`` runs
@@ -46,6 +46,7 @@ OUT = Path(__file__).resolve().parents[1] / "data" / "results" / "gpu.json"
 FEEDERS = ["ieee13", "ieee34", "ieee37", "ieee123", "ieee8500", "ieee9500"]
 ADMM_FEEDERS = ["ieee13", "ieee123", "ieee8500"]
 HALPERN_RHO = {"ieee13": 10.0, "ieee37": 10.0, "ieee123": 3.0, "ieee8500": 30.0}   # admm.json's best
+ZONES = {"ieee123": (12, 10.0), "ieee8500": (70, 3.0)}   # (buses per zone, rho): admm.json's best zoned
 TOL, MAX_ITER, FIXED_ITER = 1e-3, 60_000, 2_000
 
 
@@ -87,6 +88,16 @@ def bench_admm(name: str, device: str) -> dict:
     rec["speedup_total_halpern"] = {
         k: rec["numpy_float64"]["halpern"]["total_s"] / rec[k]["halpern"]["total_s"]
         for k in ("device_float64", "device_float32")}
+    if name in ZONES:                                      # fewer, larger, dense blocks
+        k, rho = ZONES[name]
+        zoned = decompose(pv_problem(name), lp, zone_buses=k)
+        rec["zones"] = {"zone_buses": k, "subsystems": zoned.n_subsystems, "size_groups": len(zoned.groups)}
+        for label, dev in (("numpy_float64", "cpu"), ("device_float64", device)):
+            check = {} if dev == "cpu" else {"check_every": 50}
+            rec["zones"][label] = run(ADMM(zoned, device=dev), highs.objective, rho=rho, tol=TOL,
+                                      halpern=True, reflect=1.0, max_iter=MAX_ITER, **check)
+            print(f"  {name} zones of {k}, {label}: {rec['zones'][label]['iterations']} iterations, "
+                  f"{rec['zones'][label]['total_s']:.2f} s", flush=True)
     return rec
 
 
