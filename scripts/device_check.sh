@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks, run on a lent GPU machine after `bash scripts/device_prepare.sh` here:
 #
-#   device run:  command "bash scripts/device_check.sh", carry [".device"], timeout_s 540
+#   device run:  command "bash scripts/device_check.sh", carry [".device"], timeout_s 600
+#
+# About 6 minutes on a 2-core CPU machine as a dry run; gpu.json is rewritten after every feeder, so
+# a run cut off at its limit still returns what it finished.
 #
 # Installs the carried wheels, runs the GPU unit tests, then `python -m benchmarks.gpu`; everything
 # it writes lands in $OUT (nvidia-smi.txt, pytest_gpu.log, benchmark_gpu.log, gpu.json). Copy
