@@ -11,7 +11,8 @@ Writes data/results/gpu.json.
 * ADMM (chapter 7): the restarted Halpern iteration to convergence on numpy (one BLAS thread) and on
   CuPy in float64 and float32, each against HiGHS on the centralized LP; and the paper's algorithm over
   a fixed number of iterations for the time per iteration (``numpy_float64``, ``device_float64``,
-  ``device_float32``); and the zoned decomposition (chapter 7) on numpy and the GPU. Target: IEEE
+  ``device_float32``, ``device_float64_padded``: size groups merged into a few padded batches); and
+  the zoned decomposition (chapter 7) on numpy and the GPU. Target: IEEE
   8500's total time on the GPU at least 20 times below the CPU run.
 
 ``--device cpu`` runs the same code with numpy in place of CuPy (a dry run on a machine without a
@@ -48,6 +49,7 @@ ADMM_FEEDERS = ["ieee13", "ieee123", "ieee8500"]
 HALPERN_RHO = {"ieee13": 10.0, "ieee37": 10.0, "ieee123": 3.0, "ieee8500": 30.0}   # admm.json's best
 ZONES = {"ieee123": (12, 10.0), "ieee8500": (70, 3.0)}   # (buses per zone, rho): admm.json's best zoned
 TOL, MAX_ITER, FIXED_ITER = 1e-3, 60_000, 2_000
+BUCKETS = 4              # "_padded": the size groups merged into 4 zero-padded batches (fewer launches)
 
 
 def bench_powerflow(name: str, device: str, batch: np.ndarray) -> dict:
@@ -74,9 +76,11 @@ def bench_admm(name: str, device: str) -> dict:
            "halpern_rho": HALPERN_RHO[name]}
     halpern = {"rho": HALPERN_RHO[name], "tol": TOL, "halpern": True, "reflect": 1.0, "max_iter": MAX_ITER}
     fixed = {"rho": 100.0, "tol": 0.0, "max_iter": FIXED_ITER}
-    for label, dev, dtype in (("numpy_float64", "cpu", np.float64), ("device_float64", device, np.float64),
-                              ("device_float32", device, np.float32)):
-        admm = ADMM(dec, device=dev, dtype=dtype)
+    for label, dev, dtype, buckets in (("numpy_float64", "cpu", np.float64, None),
+                                       ("device_float64", device, np.float64, None),
+                                       ("device_float32", device, np.float32, None),
+                                       ("device_float64_padded", device, np.float64, BUCKETS)):
+        admm = ADMM(dec, device=dev, dtype=dtype, buckets=buckets)
         admm.solve(ADMMSettings(rho=100.0, max_iter=20, tol=0.0))       # CUDA context, kernel caches
         check = {} if dev == "cpu" else {"check_every": 50}
         paper = admm.solve(ADMMSettings(**fixed, **check))
@@ -87,15 +91,17 @@ def bench_admm(name: str, device: str) -> dict:
               f"{rec[label]['paper_per_iteration_ms']:.3f} ms", flush=True)
     rec["speedup_total_halpern"] = {
         k: rec["numpy_float64"]["halpern"]["total_s"] / rec[k]["halpern"]["total_s"]
-        for k in ("device_float64", "device_float32")}
+        for k in ("device_float64", "device_float32", "device_float64_padded")}
     if name in ZONES:                                      # fewer, larger, dense blocks
         k, rho = ZONES[name]
         zoned = decompose(pv_problem(name), lp, zone_buses=k)
         rec["zones"] = {"zone_buses": k, "subsystems": zoned.n_subsystems, "size_groups": len(zoned.groups)}
-        for label, dev in (("numpy_float64", "cpu"), ("device_float64", device)):
+        for label, dev, buckets in (("numpy_float64", "cpu", None), ("device_float64", device, None),
+                                    ("device_float64_padded", device, BUCKETS)):
             check = {} if dev == "cpu" else {"check_every": 50}
-            rec["zones"][label] = run(ADMM(zoned, device=dev), highs.objective, rho=rho, tol=TOL,
-                                      halpern=True, reflect=1.0, max_iter=MAX_ITER, **check)
+            admm = ADMM(zoned, device=dev, buckets=buckets)
+            rec["zones"][label] = run(admm, highs.objective, rho=rho, tol=TOL, halpern=True, reflect=1.0,
+                                      max_iter=MAX_ITER, **check)
             print(f"  {name} zones of {k}, {label}: {rec['zones'][label]['iterations']} iterations, "
                   f"{rec['zones'][label]['total_s']:.2f} s", flush=True)
     return rec

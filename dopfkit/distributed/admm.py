@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dopfkit.backend import array_module
-from dopfkit.distributed.decomposition import Decomposition
+from dopfkit.distributed.decomposition import Decomposition, padded_groups
 
 
 @dataclass
@@ -82,7 +82,10 @@ class ADMMSettings:
 class ADMM:
     """The arrays of one decomposition on one device, and the iteration."""
 
-    def __init__(self, dec: Decomposition, device: str = "cpu", dtype=np.float64):
+    def __init__(self, dec: Decomposition, device: str = "cpu", dtype=np.float64, buckets: int | None = None):
+        """``buckets``: merge the size groups into that many zero-padded batches
+        (:func:`~dopfkit.distributed.decomposition.padded_groups`): the same iterates in fewer, larger
+        batched products, which a GPU runs with fewer kernel launches; None keeps one batch per size."""
         xp = self.xp = array_module(device)
         self.dec, self.device, self.dtype = dec, device, np.dtype(dtype)
         lp = dec.lp
@@ -100,6 +103,12 @@ class ADMM:
         self.c_orphan = put(np.where(orphan, lp.c, 0.0))
         self.c_copy = put(lp.c[dec.copy_col] / n[dec.copy_col])
         self.groups = [(g.start, g.stop, g.size, g.n, put(g.P), put(g.k)) for g in dec.groups]
+        self.padded = []
+        if buckets:
+            for index, P, k in padded_groups(dec.groups, buckets):
+                flat = index.ravel()
+                self.padded.append((xp.asarray(np.maximum(index, 0)), xp.asarray(np.flatnonzero(flat >= 0)),
+                                    xp.asarray(flat[flat >= 0]), put(P), put(k)))
         self.ncol, self.ncopy = ncol, len(dec.copy_col)
         # MPI replaces these by allreduce (dopfkit.distributed.mpi); one process sums nothing
         self.reduce = self.reduce_scalar = lambda a: a
@@ -130,7 +139,9 @@ class ADMM:
         """``x_s = P_s (w_s + (lam_s - c_s) / rho) + k_s`` for every group; ``w = B z``."""
         xp = self.xp
         y = w + (lam - self.c_copy) / rho
-        for start, stop, G, n, P, k in self.groups:
+        for gather, slots, copies, P, k in self.padded:     # padding slots read any copy: P zeroes it
+            out[copies] = (xp.matmul(P, y[gather][..., None])[..., 0] + k).reshape(-1)[slots]
+        for start, stop, G, n, P, k in ([] if self.padded else self.groups):
             out[start:stop] = (xp.matmul(P, y[start:stop].reshape(G, n, 1))[..., 0] + k).reshape(-1)
         return out
 

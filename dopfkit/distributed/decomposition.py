@@ -302,6 +302,44 @@ def _group(n, members, start_of, A, owner, nz_local_col, row_owner, row_rank, b,
                  rank=keep.sum(axis=1))
 
 
+def padded_groups(groups: list[Group], buckets: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Merge the size groups into at most ``buckets`` padded ones, ``(index, P, k)``: ``index`` (G, n)
+    is the copy held in each local slot (-1: padding), ``P`` and ``k`` are zero on the padding. Fewer,
+    larger batched products suit a GPU, where each product is a kernel launch; the padding costs
+    arithmetic, so the sorted sizes are split into contiguous ranges that minimize the padded work
+    sum G n^2 (a dynamic program over the few distinct sizes)."""
+    groups = sorted(groups, key=lambda g: g.n)
+    m = len(groups)
+    size = np.array([g.n for g in groups], float)
+    count = np.cumsum([0] + [g.size for g in groups])
+    work = lambda i, j: (count[j + 1] - count[i]) * size[j] ** 2   # noqa: E731  (groups i..j padded to j)
+    best = np.full((buckets + 1, m + 1), np.inf)
+    best[0, 0] = 0.0
+    cut = np.zeros((buckets + 1, m + 1), int)
+    for b in range(1, buckets + 1):
+        for j in range(1, m + 1):
+            options = [best[b - 1, i] + work(i, j - 1) for i in range(j)]
+            cut[b, j] = int(np.argmin(options))
+            best[b, j] = options[cut[b, j]]
+    b, j, ranges = int(np.argmin(best[1:, m])) + 1, m, []
+    while j > 0:
+        ranges.append((cut[b, j], j))
+        b, j = b - 1, cut[b, j]
+    out = []
+    for lo, hi in reversed(ranges):
+        members, n = groups[lo:hi], groups[hi - 1].n
+        G = sum(g.size for g in members)
+        index, P, k = np.full((G, n), -1), np.zeros((G, n, n)), np.zeros((G, n))
+        row = 0
+        for g in members:
+            rows = slice(row, row + g.size)
+            index[rows, :g.n] = g.start + np.arange(g.size * g.n).reshape(g.size, g.n)
+            P[rows, :g.n, :g.n], k[rows, :g.n] = g.P, g.k
+            row += g.size
+        out.append((index, P, k))
+    return out
+
+
 def incidence(dec: Decomposition) -> sp.csr_matrix:
     """(subsystems, columns) 0/1 matrix: which subsystem holds a copy of which column."""
     shape = (dec.n_subsystems, dec.lp.A.shape[1])
