@@ -102,13 +102,14 @@ class ADMM:
         # orphan columns (no row touches them) minimize c z + q z^2 / 2 alone: fold c into the numerator
         self.c_orphan = put(np.where(orphan, lp.c, 0.0))
         self.c_copy = put(lp.c[dec.copy_col] / n[dec.copy_col])
-        self.groups = [(g.start, g.stop, g.size, g.n, put(g.P), put(g.k)) for g in dec.groups]
+        # the local step's batches: contiguous size groups, or zero-padded ones read through an index
+        self.groups = [] if buckets else [(g.start, g.stop, g.size, g.n, put(g.P), put(g.k))
+                                          for g in dec.groups]
         self.padded = []
-        if buckets:
-            for index, P, k in padded_groups(dec.groups, buckets):
-                flat = index.ravel()
-                self.padded.append((xp.asarray(np.maximum(index, 0)), xp.asarray(np.flatnonzero(flat >= 0)),
-                                    xp.asarray(flat[flat >= 0]), put(P), put(k)))
+        for index, P, k in padded_groups(dec.groups, buckets) if buckets else []:
+            flat = index.ravel()
+            self.padded.append((xp.asarray(np.maximum(index, 0)), xp.asarray(np.flatnonzero(flat >= 0)),
+                                xp.asarray(flat[flat >= 0]), put(P), put(k)))
         self.ncol, self.ncopy = ncol, len(dec.copy_col)
         # MPI replaces these by allreduce (dopfkit.distributed.mpi); one process sums nothing
         self.reduce = self.reduce_scalar = lambda a: a
@@ -141,7 +142,7 @@ class ADMM:
         y = w + (lam - self.c_copy) / rho
         for gather, slots, copies, P, k in self.padded:     # padding slots read any copy: P zeroes it
             out[copies] = (xp.matmul(P, y[gather][..., None])[..., 0] + k).reshape(-1)[slots]
-        for start, stop, G, n, P, k in ([] if self.padded else self.groups):
+        for start, stop, G, n, P, k in self.groups:
             out[start:stop] = (xp.matmul(P, y[start:stop].reshape(G, n, 1))[..., 0] + k).reshape(-1)
         return out
 
