@@ -6,14 +6,13 @@ Writes data/results/gpu.json.
 * Batched power flow (chapter 2): 1000 load scenarios per feeder, dopfkit's batch on the GPU (float64)
   against OpenDSS solving them one after another (warm-started: its fastest sequential mode) and
   dopfkit's CPU batch on the same machine (``dopfkit_device``: the GPU batch; ``dopfkit_cpu``: numpy),
-  with the largest |V_gpu - V_cpu|. Target: GPU throughput at
-  least 10 times OpenDSS's.
+  with the largest |V_gpu - V_cpu|. Target: GPU throughput at least 10 times OpenDSS's.
 * ADMM (chapter 7): the restarted Halpern iteration to convergence on numpy (one BLAS thread) and on
   CuPy in float64 and float32, each against HiGHS on the centralized LP; and the paper's algorithm over
   a fixed number of iterations for the time per iteration (``numpy_float64``, ``device_float64``,
   ``device_float32``, ``device_float64_padded``: size groups merged into a few padded batches); and
-  the zoned decomposition (chapter 7) on numpy and the GPU. Target: IEEE
-  8500's total time on the GPU at least 20 times below the CPU run.
+  the zoned decomposition (chapter 7) on numpy and the GPU. Target: IEEE 8500's total time on the GPU
+  at least 20 times below the CPU run.
 
 ``--device cpu`` runs the same code with numpy in place of CuPy (a dry run on a machine without a
 GPU: nothing it measures is a GPU figure, and the record says so). ``scripts/device_check.sh`` runs
@@ -69,7 +68,8 @@ def bench_powerflow(name: str, device: str, batch: np.ndarray) -> dict:
 
 
 def bench_admm(name: str, device: str) -> dict:
-    dec = decompose(pv_problem(name))
+    problem = pv_problem(name)
+    dec = decompose(problem)
     lp = dec.lp
     highs = solve_highs(lp, **({"solver": "ipm"} if lp.A.shape[1] > 5000 else {}))
     rec = {"columns": lp.A.shape[1], "subsystems": dec.n_subsystems, "highs_objective": highs.objective,
@@ -94,7 +94,7 @@ def bench_admm(name: str, device: str) -> dict:
         for k in ("device_float64", "device_float32", "device_float64_padded")}
     if name in ZONES:                                      # fewer, larger, dense blocks
         k, rho = ZONES[name]
-        zoned = decompose(pv_problem(name), lp, zone_buses=k)
+        zoned = decompose(problem, lp, zone_buses=k)
         rec["zones"] = {"zone_buses": k, "subsystems": zoned.n_subsystems, "size_groups": len(zoned.groups)}
         for label, dev, buckets in (("numpy_float64", "cpu", None), ("device_float64", device, None),
                                     ("device_float64_padded", device, BUCKETS)):

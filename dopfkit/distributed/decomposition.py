@@ -116,6 +116,12 @@ class FeederTree:
         nb = len(self.bus_names)
         return np.where(component < nb, component, self.child_bus[np.maximum(component - nb, 0)])
 
+    def graph(self, used: np.ndarray) -> dict:
+        """The counts of the paper's Table II for subsystems numbered by ``used`` (sorted ids whose
+        rows they own), and the subsystem that holds the source bus."""
+        return {"nodes": len(self.bus_names), "lines": len(self.child_bus), "leaves": int(self.is_leaf.sum()),
+                "subsystems": len(used), "root": int(np.searchsorted(used, self.root))}
+
     def depth(self) -> np.ndarray:
         """Hops from the root to every bus, by pointer jumping (log(depth) vectorized passes)."""
         anc, hops = self.parent.copy(), (self.parent >= 0).astype(int)
@@ -175,9 +181,7 @@ def component_labels(problem, lp) -> tuple[np.ndarray, list[str], list[str], dic
         c = nb + tree.feeding[b]
         labels[c] = f"{labels[c]} + leaf {tree.bus_names[b]}"
         kinds[c] = "line+leaf"
-    graph = {"nodes": nb, "lines": nl, "leaves": int(tree.is_leaf.sum()), "subsystems": len(used),
-             "root": int(np.searchsorted(used, tree.root))}
-    return rows, list(labels[used]), list(kinds[used]), graph
+    return rows, list(labels[used]), list(kinds[used]), tree.graph(used)
 
 
 def bus_zones(tree: FeederTree, zone_buses: int) -> np.ndarray:
@@ -207,10 +211,7 @@ def zone_labels(problem, lp, zone_buses: int) -> tuple[np.ndarray, list[str], li
     used, rows = np.unique(zone[tree.component_bus(tree.row_component)], return_inverse=True)
     size = np.bincount(zone, minlength=len(zone))[used]
     names = [f"zone {tree.bus_names[h]} ({n} bus{'es' if n > 1 else ''})" for h, n in zip(used, size)]
-    graph = {"nodes": len(tree.bus_names), "lines": len(tree.child_bus), "leaves": int(tree.is_leaf.sum()),
-             "zone_buses": int(zone_buses), "subsystems": len(used),
-             "root": int(np.searchsorted(used, tree.root))}
-    return rows, names, ["zone"] * len(used), graph
+    return rows, names, ["zone"] * len(used), {**tree.graph(used), "zone_buses": int(zone_buses)}
 
 
 def decompose(problem, lp=None, zone_buses: int = 1, rank_tol: float = RANK_TOL) -> Decomposition:
