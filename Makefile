@@ -150,6 +150,7 @@ benchmarks: $(VENV_STAMP) $(SOLVERS_STAMP)
 	$(PY) -m benchmarks.powerflow
 	$(PY) -m benchmarks.opf
 	$(PY) -m benchmarks.admm
+	$(PY) -m benchmarks.admm_pace
 	$(PY) -m benchmarks.voltvar
 
 lint: $(VENV_STAMP)

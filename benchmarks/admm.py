@@ -13,8 +13,9 @@ Per feeder, on the OPF of the OPF benchmark (PV at a seeded 10 % of the load pha
 * two accelerated variants at the same tolerance: Anderson acceleration (memory 20) for rho in RHOS,
   and the restarted reflected Halpern iteration for rho in HALPERN_RHOS;
 * the restarted Halpern iteration on zoned decompositions (``decompose(problem, zone_buses=k)``, zones
-  of about k buses: 3, and the square root of the bus count), for rho in HALPERN_RHOS: subsystems,
-  depth of the subsystem graph, iterations and time per iteration;
+  of about k buses: 3, and the square root of the bus count), for rho in ZONE_RHOS: subsystems,
+  depth of the subsystem graph, iterations and time per iteration; and on the larger zones again with
+  the DER columns scaled (``der_scale=DER_SCALE``);
 * CuPy on the GPU in float64 and float32 when a GPU is present (skipped, and said so, otherwise);
 * MPI with 1, 2 and 4 ranks (``python -m dopfkit.distributed.mpi``), where mpi4py is installed.
 
@@ -63,6 +64,8 @@ RHO, TOL = 100.0, 1e-3
 RHOS = {"ieee8500": [100.0]}             # Anderson's rho values (default: DEFAULT_RHOS)
 DEFAULT_RHOS = [10.0, 30.0, 100.0]
 HALPERN_RHOS = [3.0, 10.0, 30.0]
+ZONE_RHOS = [3.0, 5.0, 10.0, 30.0]
+DER_SCALE = 0.3                          # decompose(..., der_scale): the DER columns divided by 0.3
 MAX_ITER = {"ieee123": 60_000, "ieee8500": 60_000}
 ANDERSON_MAX_ITER = {"ieee8500": 10_000}      # O(mN) per iteration: capped on the large feeder
 MPI_FIXED_ITER = {"ieee8500": 2_000}          # MPI timing on a fixed count where a full solve is long
@@ -118,19 +121,23 @@ def bench_feeder(name: str, mpi: bool) -> dict:
 
 
 def bench_zones(problem, lp, buses: int, reference: float, max_iter: int) -> dict:
+    """Keys: the zone size ("3"), or the zone size and the DER scale ("70, der_scale 0.3")."""
     res = {}
-    for k in zone_sizes(buses):
+    sizes = zone_sizes(buses)
+    for k, der_scale in [(k, 1.0) for k in sizes] + [(sizes[-1], DER_SCALE)]:
         t0 = time.perf_counter()
-        dec = decompose(problem, lp, zone_buses=k)
-        rec = res[str(k)] = {"decompose_s": time.perf_counter() - t0, "subsystems": dec.n_subsystems,
-                             "depth": dec.depth(), "copies": int(len(dec.copy_col)),
-                             "size_groups": len(dec.groups),
-                             "largest_subsystem": max(g.n for g in dec.groups),
-                             "halpern": {}}
+        dec = decompose(problem, lp, zone_buses=k, der_scale=der_scale)
+        key = str(k) if der_scale == 1.0 else f"{k}, der_scale {der_scale:g}"
+        rec = res[key] = {"zone_buses": k, "der_scale": der_scale,
+                          "decompose_s": time.perf_counter() - t0, "subsystems": dec.n_subsystems,
+                          "depth": dec.depth(), "copies": int(len(dec.copy_col)),
+                          "size_groups": len(dec.groups),
+                          "largest_subsystem": max(g.n for g in dec.groups),
+                          "halpern": {}}
         admm = ADMM(dec)
-        for rho in HALPERN_RHOS:
-            print(f"  zones of {k} buses ({dec.n_subsystems} subsystems), Halpern, rho {rho:g} ...",
-                  flush=True)
+        for rho in ZONE_RHOS:
+            print(f"  zones of {k} buses ({dec.n_subsystems} subsystems, DER scale {der_scale:g}), "
+                  f"Halpern, rho {rho:g} ...", flush=True)
             rec["halpern"][f"{rho:g}"] = run(admm, reference, rho=rho, tol=TOL, halpern=True, reflect=1.0,
                                              max_iter=max_iter)
     return res

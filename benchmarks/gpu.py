@@ -46,7 +46,8 @@ OUT = Path(__file__).resolve().parents[1] / "data" / "results" / "gpu.json"
 FEEDERS = ["ieee13", "ieee34", "ieee37", "ieee123", "ieee8500", "ieee9500"]
 ADMM_FEEDERS = ["ieee13", "ieee123", "ieee8500"]
 HALPERN_RHO = {"ieee13": 10.0, "ieee37": 10.0, "ieee123": 3.0, "ieee8500": 30.0}   # admm.json's best
-ZONES = {"ieee123": (12, 10.0), "ieee8500": (70, 3.0)}   # (buses per zone, rho): admm.json's best zoned
+ZONES = {"ieee123": (12, 10.0, 1.0), "ieee8500": (70, 5.0, 0.3)}   # (buses per zone, rho, der_scale):
+                                                                  # admm.json's best zoned
 TOL, MAX_ITER, FIXED_ITER = 1e-3, 60_000, 2_000
 BUCKETS = 4              # "_padded": the size groups merged into 4 zero-padded batches (fewer launches)
 
@@ -93,9 +94,10 @@ def bench_admm(name: str, device: str) -> dict:
         k: rec["numpy_float64"]["halpern"]["total_s"] / rec[k]["halpern"]["total_s"]
         for k in ("device_float64", "device_float32", "device_float64_padded")}
     if name in ZONES:                                      # fewer, larger, dense blocks
-        k, rho = ZONES[name]
-        zoned = decompose(problem, lp, zone_buses=k)
-        rec["zones"] = {"zone_buses": k, "subsystems": zoned.n_subsystems, "size_groups": len(zoned.groups)}
+        k, rho, der_scale = ZONES[name]
+        zoned = decompose(problem, lp, zone_buses=k, der_scale=der_scale)
+        rec["zones"] = {"zone_buses": k, "der_scale": der_scale, "subsystems": zoned.n_subsystems,
+                        "size_groups": len(zoned.groups)}
         for label, dev, buckets in (("numpy_float64", "cpu", None), ("device_float64", device, None),
                                     ("device_float64_padded", device, BUCKETS)):
             check = {} if dev == "cpu" else {"check_every": 50}

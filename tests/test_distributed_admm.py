@@ -175,6 +175,31 @@ def test_padded_batches_give_the_same_iterates(case123, zone_buses, buckets):
     np.testing.assert_allclose(padded.z, plain.z, atol=1e-10)
 
 
+def test_der_scale_is_admm_on_the_rescaled_lp_and_keeps_its_answer(case123):
+    """``der_scale`` = ADMM on the LP in ``x / d``, built here by hand from the standard form and
+    decomposed unscaled, then mapped back; the answer still matches HiGHS on the original LP."""
+    from dopfkit.distributed.decomposition import decompose_rows
+    dec, sol = case123
+    d = 0.3
+    scaled = decompose(pv_problem("ieee123"), dec.lp, zone_buses=10, der_scale=d)
+    D = np.ones(dec.lp.A.shape[1])
+    for block in ("p_der", "q_der", "slack"):
+        D[dec.lp.columns[block]] = d
+    assert (D < 1).sum() > 0 and scaled.scale is not None
+    by_hand_lp = dec.lp.scaled(D)
+    np.testing.assert_allclose(by_hand_lp.A @ (sol.x / D), dec.lp.b, atol=1e-7)   # same feasible set
+    by_hand = decompose_rows(by_hand_lp, scaled.row_owner, list(scaled.names), scaled.kinds, scaled.graph)
+    s = ADMMSettings(rho=10, tol=1e-3, halpern=True, reflect=1.0, max_iter=20_000)
+    res, ref = ADMM(scaled).solve(s), ADMM(by_hand).solve(s)
+    assert res.iterations == ref.iterations
+    np.testing.assert_allclose(res.z, D * ref.z, atol=1e-10)
+    _check_against_highs(scaled, sol, res)
+    unscaled = ADMM(decompose(pv_problem("ieee123"), dec.lp, zone_buses=10)).solve(s)
+    assert unscaled.iterations != res.iterations                # the scale does change the iteration
+    with pytest.raises(ValueError, match="der_scale"):
+        decompose(pv_problem("ieee13"), der_scale=2.0)
+
+
 def test_warm_start_from_the_previous_step_needs_fewer_iterations():
     """A time step later the load is 2 % higher: starting from the last iterates beats a cold start
     (plain ADMM; with Anderson acceleration the counts are too erratic for a warm start to show)."""
@@ -227,3 +252,13 @@ def test_cupy_path_matches_numpy(case13, dtype, buckets):
     else:   # single precision: the paper reports near-identical residual histories
         assert abs(gpu.iterations - cpu.iterations) <= 0.05 * cpu.iterations
         assert abs(gpu.objective - sol.objective) <= 1e-3 * abs(sol.objective)
+
+
+def test_one_block_projection_is_the_orthogonal_projection(case13):
+    """benchmarks.admm_pace's sparse KKT projection against the pseudo-inverse on IEEE 13."""
+    from benchmarks.admm_pace import projector
+    lp = case13[1].lp
+    A = lp.A.toarray()
+    y = np.random.default_rng(0).normal(size=A.shape[1])
+    reference = y - np.linalg.pinv(A) @ (A @ y - lp.b)
+    np.testing.assert_allclose(projector(lp.A, lp.b)(y), reference, atol=1e-8)

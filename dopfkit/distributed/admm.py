@@ -33,7 +33,8 @@ from dopfkit.distributed.decomposition import Decomposition, padded_groups
 
 @dataclass
 class ADMMState:
-    """Iterates, on the host (numpy), so that a later solve can start from them."""
+    """Iterates, on the host (numpy), so that a later solve can start from them (in the
+    decomposition's variables: ``z / dec.scale`` where the decomposition is scaled)."""
     z: np.ndarray
     x: np.ndarray
     lam: np.ndarray
@@ -88,8 +89,9 @@ class ADMM:
         batched products, which a GPU runs with fewer kernel launches; None keeps one batch per size."""
         xp = self.xp = array_module(device)
         self.dec, self.device, self.dtype = dec, device, np.dtype(dtype)
-        lp = dec.lp
-        ncol = lp.A.shape[1]
+        ncol = dec.lp.A.shape[1]
+        self.scale = np.ones(ncol) if dec.scale is None else dec.scale
+        lp = dec.lp.scaled(self.scale) if dec.scale is not None else dec.lp    # the LP in z / scale
         n = np.maximum(dec.n_copies, 1)
         q = lp.Q.diagonal() if lp.Q is not None else np.zeros(ncol)
         orphan = dec.n_copies == 0
@@ -153,7 +155,7 @@ class ADMM:
         both = np.isfinite(lo) & np.isfinite(hi)
         z0 = np.where(both, (np.where(both, lo, 0) + np.where(both, hi, 0)) / 2, 0.0)
         z0[lp.columns["v"]] = np.where(lo[lp.columns["v"]] == hi[lp.columns["v"]], lo[lp.columns["v"]], 1.0)
-        return z0[self.dec.copy_col]
+        return (z0 / self.scale)[self.dec.copy_col]
 
     def step(self, x, lam, rho, relax=1.0, sync=None, clock=None):
         """One iteration from ``(x, lam)``: ``z, x_new, lam_new, Bz``; step times added to ``clock``."""
@@ -232,7 +234,7 @@ class ADMM:
         lp = self.dec.lp
         per = {"global": clock[0] / it, "local": clock[1] / it, "dual": clock[2] / it,
                "iteration": total / it, "total": total}
-        z64 = z_h.astype(float)
+        z64 = z_h.astype(float) * self.scale
         return ADMMResult(z=z64, objective=lp.objective(z64), iterations=it, converged=converged,
                           primal_residual=np.array(hist_r), dual_residual=np.array(hist_s),
                           rho=np.array(hist_rho), times=per, violation=lp.violation(z64), state=state,

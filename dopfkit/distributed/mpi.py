@@ -267,6 +267,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--zone-buses", type=int, default=1,
                    help="subsystems: 1 = the paper's components, k > 1 = zones of about k buses")
+    p.add_argument("--der-scale", type=float, default=1.0,
+                   help="run the consensus on the DER columns divided by this (decompose's der_scale)")
     p.add_argument("--exchange", choices=EXCHANGES, default="shared",
                    help="allreduce only the columns on several ranks, or all columns")
     p.add_argument("--order", choices=ORDERS, default="tree",
@@ -284,7 +286,7 @@ def main(argv=None) -> int:
     problem = pv_problem(args.feeder, share=args.share, seed=args.seed)
     settings = ADMMSettings(rho=args.rho, tol=args.tol, max_iter=args.max_iter, halpern=args.halpern,
                             reflect=1.0 if args.halpern else 0.0)
-    dec = decompose(problem, zone_buses=args.zone_buses)
+    dec = decompose(problem, zone_buses=args.zone_buses, der_scale=args.der_scale)
     out = run_mpi_admm(dec, comm, settings, exchange=args.exchange, order=args.order,
                        split_wait=args.split_wait)
     out["feeder"] = args.feeder

@@ -9,7 +9,7 @@ no modelling layer in between, which is what makes large LPs fast.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -38,6 +38,13 @@ class StandardFormLP:
     def objective(self, x: np.ndarray) -> float:
         quad = 0.5 * x @ (self.Q @ x) if self.Q is not None else 0.0
         return float(self.c @ x + quad + self.offset)
+
+    def scaled(self, d: np.ndarray) -> StandardFormLP:
+        """The same LP in the variables ``x / d`` (``d > 0`` per column): ``A diag(d)``, ``c d``,
+        bounds divided by ``d``. Rows, names and offset are unchanged."""
+        D = sp.diags(d)
+        return replace(self, c=self.c * d, A=(self.A @ D).tocsr(), lower=self.lower / d, upper=self.upper / d,
+                       Q=None if self.Q is None else (D @ self.Q @ D).tocsr())
 
     def violation(self, x: np.ndarray) -> float:
         """Largest equality residual or bound violation (scaled by 1 + |b|)."""
