@@ -18,3 +18,8 @@ def test_gpu_benchmark_dry_run_writes_a_consistent_record(tmp_path):
         run = admm[variant]["halpern"]
         assert run["converged"] and run["gap_rel"] <= 1e-4 and run["violation"] <= 1e-4
     assert admm["numpy_float64"]["halpern"]["iterations"] == admm["device_float64"]["halpern"]["iterations"]
+    zones = admm["zones"]                                   # zoned, DER columns scaled, padded batches
+    for variant in ("numpy_float64", "device_float64", "device_float64_padded"):
+        run = zones[variant]
+        assert run["converged"] and run["gap_rel"] <= 1e-4 and run["violation"] <= 1e-4
+    assert zones["numpy_float64"]["iterations"] == zones["device_float64_padded"]["iterations"]
