@@ -70,11 +70,12 @@ check_python = { $(1) -c 'import sys; v = sys.version_info[:2]; (3, 10) <= v <= 
 venv: $(VENV_STAMP)
 
 $(VENV_STAMP):
-	@if [ ! -x "$(PY)" ]; then \
+	@# no working pip (no venv, or one whose creation was interrupted): (re)create it
+	@if ! $(PY) -m pip --version >/dev/null 2>&1; then \
 	  command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; this project needs Python 3.10-3.12 (set PYTHON=...)" >&2; exit 1; }; \
 	  $(call check_python,$(PYTHON),Choose another one: make venv PYTHON=python3.11); \
 	  echo "venv: creating $(VENV) with $$($(PYTHON) -c 'import sys; print(sys.executable, sys.version.split()[0])')"; \
-	  $(PYTHON) -m venv $(VENV); \
+	  $(PYTHON) -m venv --clear $(VENV); \
 	fi
 	@$(call check_python,$(PY),Remove it (rm -rf $(VENV)) and run: make venv PYTHON=python3.11)
 	@pyver=$$($(PY) -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])'); \
