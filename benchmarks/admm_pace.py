@@ -33,14 +33,14 @@ import scipy.sparse.linalg as spl  # noqa: E402
 from benchmarks import write_results  # noqa: E402
 from benchmarks.admm import DER_SCALE, TOL  # noqa: E402
 from benchmarks.powerflow import machine  # noqa: E402
-from dopfkit.distributed.admm import _Halpern  # noqa: E402
+from dopfkit.distributed.admm import _Halpern, paper_start  # noqa: E402
+from dopfkit.distributed.decomposition import der_column_scale  # noqa: E402
 from dopfkit.opf import pv_problem  # noqa: E402
 from dopfkit.opf.lindist3flow import lindist3flow_lp  # noqa: E402
 from dopfkit.opf.standard_form import solve_highs  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "results" / "admm_pace.json"
 RHO, MAX_ITER = 3.0, 20_000
-DER_BLOCKS = ("p_der", "q_der", "slack")
 
 
 def projector(A: sp.spmatrix, b: np.ndarray):
@@ -61,16 +61,11 @@ def projector(A: sp.spmatrix, b: np.ndarray):
 
 def one_block(lp, reference: float, rho: float = RHO, der_scale: float = 1.0) -> dict:
     """Restarted reflected Halpern ADMM with one subsystem (B = I), on the LP in ``x / d``."""
-    d = np.ones(lp.A.shape[1])
-    for block in DER_BLOCKS:
-        d[lp.columns[block]] = der_scale
+    d = der_column_scale(lp, der_scale)
     s = lp.scaled(d)
     project = projector(s.A, s.b)
     lo, hi = s.lower, s.upper
-    both = np.isfinite(lo) & np.isfinite(hi)
-    x = np.where(both, (np.where(both, lo, 0) + np.where(both, hi, 0)) / 2, 0.0)     # the paper's start
-    v = lp.columns["v"]
-    x[v] = np.where(lo[v] == hi[v], lo[v], 1.0) / d[v]
+    x = paper_start(lp) / d
     lam = np.zeros_like(x)
     halpern = _Halpern(np, 1.0)
     z_prev = np.clip(x - lam / rho, lo, hi)

@@ -149,13 +149,8 @@ class ADMM:
         return out
 
     def initial_x(self) -> np.ndarray:
-        """The paper's start: 0 for unbounded entries, mid-bound if bounded, 1 for squared voltages."""
-        lp = self.dec.lp
-        lo, hi = lp.lower, lp.upper
-        both = np.isfinite(lo) & np.isfinite(hi)
-        z0 = np.where(both, (np.where(both, lo, 0) + np.where(both, hi, 0)) / 2, 0.0)
-        z0[lp.columns["v"]] = np.where(lo[lp.columns["v"]] == hi[lp.columns["v"]], lo[lp.columns["v"]], 1.0)
-        return (z0 / self.scale)[self.dec.copy_col]
+        """The paper's start (:func:`paper_start`), copied into every subsystem."""
+        return (paper_start(self.dec.lp) / self.scale)[self.dec.copy_col]
 
     def step(self, x, lam, rho, relax=1.0, sync=None, clock=None):
         """One iteration from ``(x, lam)``: ``z, x_new, lam_new, Bz``; step times added to ``clock``."""
@@ -239,6 +234,17 @@ class ADMM:
                           primal_residual=np.array(hist_r), dual_residual=np.array(hist_s),
                           rho=np.array(hist_rho), times=per, violation=lp.violation(z64), state=state,
                           device=self.device, dtype=self.dtype.name)
+
+
+def paper_start(lp) -> np.ndarray:
+    """The paper's start: 0 for unbounded entries, mid-bound if bounded, 1 for squared voltages (their
+    fixed value where a voltage is fixed)."""
+    lo, hi = lp.lower, lp.upper
+    both = np.isfinite(lo) & np.isfinite(hi)
+    z0 = np.where(both, (np.where(both, lo, 0) + np.where(both, hi, 0)) / 2, 0.0)
+    v = lp.columns["v"]
+    z0[v] = np.where(lo[v] == hi[v], lo[v], 1.0)
+    return z0
 
 
 class _Anderson:

@@ -240,13 +240,20 @@ def decompose(problem, lp=None, zone_buses: int = 1, der_scale: float = 1.0,
     row_owner, names, kinds, graph = labels
     if der_scale == 1.0:
         return decompose_rows(lp, row_owner, names, kinds, graph, rank_tol)
+    scale = der_column_scale(lp, der_scale)
+    dec = decompose_rows(lp.scaled(scale), row_owner, names, kinds, graph, rank_tol)
+    return replace(dec, lp=lp, scale=scale)
+
+
+def der_column_scale(lp, der_scale: float) -> np.ndarray:
+    """Per column: ``der_scale`` on the DER columns (``p_der``, ``q_der``, the polygon's ``slack``), 1
+    elsewhere (see :func:`decompose`)."""
     if not 0 < der_scale <= 1:
         raise ValueError(f"der_scale must be in (0, 1], got {der_scale}")
     scale = np.ones(lp.A.shape[1])
     for block in ("p_der", "q_der", "slack"):
         scale[lp.columns[block]] = der_scale
-    dec = decompose_rows(lp.scaled(scale), row_owner, names, kinds, graph, rank_tol)
-    return replace(dec, lp=lp, scale=scale)
+    return scale
 
 
 def decompose_rows(lp, row_owner, names, kinds, graph=None, rank_tol: float = RANK_TOL) -> Decomposition:
