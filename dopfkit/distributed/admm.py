@@ -19,11 +19,19 @@ Accelerations beyond the paper (all off by default, so the default reproduces it
 ``reflect=1.0`` (restarted reflected Halpern iteration, O(N) per step: the one that scales to IEEE
 8500), ``adaptive=True`` (residual balancing, Boyd et al. 2011, section 3.4.1), ``relax`` in (1, 2)
 (over-relaxation, section 3.4.3) and ``warm_start`` (the iterates of a previous solve).
+
+On a GPU the cost of one iteration is mostly kernel launches and host round trips, not arithmetic.
+Two things remove them: the global update sums the copies by a padded gather (``bincount`` would ask
+the host for the largest index, a synchronization, every iteration), and ``graph=True`` keeps every
+control variable on the device, Halpern's restart test included, so that ``check_every`` iterations
+are captured once as a CUDA graph and replayed with one launch. On numpy the same device-resident loop
+runs eagerly, which is how its iterates are tested against the plain loop.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -78,6 +86,7 @@ class ADMMSettings:
     anderson_safeguard: float = 2.0
     halpern: bool = False           # restarted Halpern iteration (anchored averaging, adaptive restarts)
     reflect: float = 0.0            # ... on the relaxed map (1 + reflect) T - reflect I (0 <= reflect <= 1)
+    graph: bool = False             # device-resident loop, check_every iterations per CUDA graph (CuPy)
 
 
 class ADMM:
@@ -113,6 +122,8 @@ class ADMM:
             self.padded.append((xp.asarray(np.maximum(index, 0)), xp.asarray(np.flatnonzero(flat >= 0)),
                                 xp.asarray(flat[flat >= 0]), put(P), put(k)))
         self.ncol, self.ncopy = ncol, len(dec.copy_col)
+        # on a GPU the copies are summed per column by a padded gather (no host synchronization)
+        self.copies_of = None if xp is np else xp.asarray(copies_by_column(dec.copy_col, ncol))
         # MPI replaces these by allreduce (dopfkit.distributed.mpi); one process sums nothing
         self.reduce = self.reduce_scalar = lambda a: a
 
@@ -128,7 +139,11 @@ class ADMM:
         """Clamped average of the copies. ``reduce`` sums the partial sums of all MPI ranks (the only
         communication the algorithm needs); in one process it is the identity."""
         xp = self.xp
-        s = xp.bincount(self.copy_col, weights=rho * x - lam, minlength=self.ncol).astype(self.dtype)
+        v = rho * x - lam
+        if self.copies_of is None:
+            s = xp.bincount(self.copy_col, weights=v, minlength=self.ncol).astype(self.dtype)
+        else:
+            s = column_sums(xp, v, self.copies_of)
         z = (self.reduce(s) - self.c_orphan) / (rho * self.n_col + self.q)
         return xp.clip(z, self.lower, self.upper)
 
@@ -178,6 +193,9 @@ class ADMM:
               callback=None) -> ADMMResult:
         s = settings or ADMMSettings()
         xp, dt = self.xp, self.dtype
+        if s.graph and (s.adaptive or s.anderson or s.timing):
+            raise ValueError("ADMMSettings(graph=True) runs a fixed sequence of device operations: it "
+                             "cannot change rho (adaptive), run Anderson's host solve or time the steps")
         sync = _synchronizer(xp)
         if warm_start is None:
             x = xp.asarray(self.initial_x().astype(dt))
@@ -186,13 +204,31 @@ class ADMM:
         else:
             x, lam = xp.asarray(warm_start.x.astype(dt)), xp.asarray(warm_start.lam.astype(dt))
             rho = float(warm_start.rho)
-        w_prev = self.global_update(x, lam, rho)[self.copy_col]
-        accel = _Anderson(xp, s.anderson, s.anderson_safeguard) if s.anderson else \
-            _Halpern(xp, s.reflect, self.reduce_scalar) if s.halpern else None
-        hist_r, hist_s, hist_rho, pending = [], [], [], []
-        clock = [0.0, 0.0, 0.0]
+        loop = self._iterate_resident if s.graph else self._iterate
+        hist, clock = ([], [], []), [0.0, 0.0, 0.0]
         sync()
         t_start = time.perf_counter()
+        it, converged, z, x, lam, rho = loop(s, x, lam, rho, hist, clock, callback)
+        sync()
+        total = time.perf_counter() - t_start
+        z_h = _host(z)
+        state = ADMMState(z=z_h, x=_host(x), lam=_host(lam), rho=rho)
+        lp = self.dec.lp
+        per = {"global": clock[0] / it, "local": clock[1] / it, "dual": clock[2] / it,
+               "iteration": total / it, "total": total}
+        z64 = z_h.astype(float) * self.scale
+        return ADMMResult(z=z64, objective=lp.objective(z64), iterations=it, converged=converged,
+                          primal_residual=np.array(hist[0]), dual_residual=np.array(hist[1]),
+                          rho=np.array(hist[2]), times=per, violation=lp.violation(z64), state=state,
+                          device=self.device, dtype=self.dtype.name)
+
+    def _iterate(self, s, x, lam, rho, hist, clock, callback):
+        """The loop on the host: residuals read back every ``check_every`` iterations."""
+        sync = _synchronizer(self.xp)
+        w_prev = self.global_update(x, lam, rho)[self.copy_col]
+        accel = _Anderson(self.xp, s.anderson, s.anderson_safeguard) if s.anderson else \
+            _Halpern(self.xp, s.reflect, self.reduce_scalar) if s.halpern else None
+        pending = []
         it, converged = 0, False
         while it < s.max_iter:
             it += 1
@@ -206,9 +242,8 @@ class ADMM:
             if it % s.check_every == 0 or it == s.max_iter:
                 vals = [(float(a), float(b), c) for a, b, c in pending]
                 pending.clear()
-                hist_r += [v[0] for v in vals]
-                hist_s += [v[1] for v in vals]
-                hist_rho += [v[2] for v in vals]
+                for h, v in zip(hist, zip(*vals)):
+                    h += v
                 r_now, s_now = vals[-1][0], vals[-1][1]
                 if callback is not None:
                     callback(it, z, r_now, s_now, rho)
@@ -222,18 +257,72 @@ class ADMM:
                         rho /= s.tau
                     if accel is not None and rho != vals[-1][2]:
                         accel.reset()
-        sync()
-        total = time.perf_counter() - t_start
-        z_h = _host(z)
-        state = ADMMState(z=z_h, x=_host(x), lam=_host(lam), rho=rho)
-        lp = self.dec.lp
-        per = {"global": clock[0] / it, "local": clock[1] / it, "dual": clock[2] / it,
-               "iteration": total / it, "total": total}
-        z64 = z_h.astype(float) * self.scale
-        return ADMMResult(z=z64, objective=lp.objective(z64), iterations=it, converged=converged,
-                          primal_residual=np.array(hist_r), dual_residual=np.array(hist_s),
-                          rho=np.array(hist_rho), times=per, violation=lp.violation(z64), state=state,
-                          device=self.device, dtype=self.dtype.name)
+        return it, converged, z, x, lam, rho
+
+    def _iterate_resident(self, s, x, lam, rho, hist, clock, callback):
+        """The same iterates as :meth:`_iterate` (fixed rho), with the state in device buffers that
+        :meth:`_block` updates in place without a host round trip. On CuPy the first block runs
+        eagerly (compiling every kernel and filling the memory pool), the next ones replay one CUDA
+        graph of it; the residuals come back once per block."""
+        xp, n = self.xp, s.check_every
+        st = SimpleNamespace(x=x.copy(), lam=lam.copy(), z=xp.empty(self.ncol, self.dtype),
+                             w_prev=self.global_update(x, lam, rho)[self.copy_col],
+                             hist=xp.empty((n, 2), self.dtype),
+                             halpern=_ResidentHalpern(xp, s.reflect, x, lam / rho) if s.halpern else None)
+        graph = _GraphRunner(xp, lambda: self._block(st, n, rho, s.relax)) if xp is not np else None
+        it, converged = 0, False
+        while it < s.max_iter:
+            m = min(n, s.max_iter - it)
+            if graph is not None and m == n:
+                graph.run()
+            else:
+                self._block(st, m, rho, s.relax)
+            it += m
+            r, d = _host(st.hist[:m]).astype(float).T
+            hist[0].extend(r)
+            hist[1].extend(d)
+            hist[2].extend([rho] * m)
+            if callback is not None:
+                callback(it, st.z, r[-1], d[-1], rho)
+            if r[-1] <= s.tol and d[-1] <= s.tol:
+                converged = True
+                break
+        return it, converged, st.z, st.x, st.lam, rho
+
+    def _block(self, st, n, rho, relax):
+        """``n`` iterations on the buffers of ``st``; row i of ``st.hist`` gets iteration i's primal
+        and dual residuals. Nothing here reads a value back to the host."""
+        for i in range(n):
+            z, x_new, lam_new, w_z = self.step(st.x, st.lam, rho, relax)
+            primal = w_z - x_new if relax == 1.0 else (lam_new - st.lam) / rho
+            norms = self.norms(primal, w_z - st.w_prev)
+            st.hist[i, 0] = norms[0]
+            st.hist[i, 1] = rho * norms[1]
+            st.w_prev[...] = w_z
+            if st.halpern is not None:
+                x_new, lam_new = st.halpern.update(st.x, st.lam, x_new, lam_new, rho)
+            st.x[...] = x_new
+            st.lam[...] = lam_new
+            st.z[...] = z
+
+
+def copies_by_column(copy_col: np.ndarray, ncol: int) -> np.ndarray:
+    """``(ncol, max copies)`` index of every column's copies, padded with ``len(copy_col)`` (an
+    extra zero slot), so that a gather and a row sum add up the copies of each column."""
+    order = np.argsort(copy_col, kind="stable")
+    counts = np.bincount(copy_col, minlength=ncol)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    slot = np.arange(len(copy_col)) - first[copy_col[order]]
+    index = np.full((ncol, max(int(counts.max(initial=0)), 1)), len(copy_col))
+    index[copy_col[order], slot] = order
+    return index
+
+
+def column_sums(xp, values, index):
+    """Per-column sums of ``values`` (one per copy) through :func:`copies_by_column`'s index: the
+    same numbers as ``bincount(copy_col, weights=values)``, in two kernels that never synchronize."""
+    padded = xp.concatenate([values, xp.zeros(1, values.dtype)])
+    return padded[index].sum(axis=1)
 
 
 def paper_start(lp) -> np.ndarray:
@@ -333,6 +422,73 @@ class _Halpern:
         self.k += 1
         n = x.shape[0]
         return out[:n], out[n:] * rho
+
+
+class _ResidentHalpern(_Halpern):
+    """:class:`_Halpern` with its control state (anchor, step count, residuals at the anchor and at the
+    last step) in device buffers and the restart test as a select, so that no step reads a value back
+    to the host. It starts anchored at the start point with infinite residuals, which makes the first
+    step a restart, the same one the host version takes; the arithmetic, control scalars in float64
+    included, is the host version's, so the iterates are the same to the last bit."""
+
+    def __init__(self, xp, reflect, x, lam_over_rho):
+        super().__init__(xp, reflect)
+        f64 = np.float64
+        self.anchor = xp.concatenate([x, lam_over_rho])
+        self.k, self.r_anchor, self.r_prev = (xp.asarray(v, f64) for v in (0.0, np.inf, np.inf))
+
+    def update(self, x, lam, x_new, lam_new, rho):
+        xp = self.xp
+        s = xp.concatenate([x, lam / rho])
+        t = xp.concatenate([x_new, lam_new / rho])
+        if self.reflect:
+            t = (1 + self.reflect) * t - self.reflect * s
+        r = xp.sqrt(xp.sum((t - s) ** 2)).astype(np.float64)
+        restart = (r <= self.sufficient * self.r_anchor) | (r >= self.grow * self.r_anchor) | \
+            ((r <= self.necessary * self.r_anchor) & (r > self.r_prev))
+        self.anchor[...] = xp.where(restart, s, self.anchor)
+        self.k[...] = xp.where(restart, 0.0, self.k)
+        self.r_anchor[...] = xp.where(restart, r, self.r_anchor)
+        self.r_prev[...] = r
+        k = self.k
+        out = ((k + 1) / (k + 2)).astype(t.dtype) * t + self.anchor / (k + 2).astype(t.dtype)
+        self.k += 1
+        n = x.shape[0]
+        return out[:n], out[n:] * rho
+
+
+class _GraphRunner:
+    """Runs ``block`` (device work only, in place on buffers it holds) eagerly once, then captures it as
+    a CUDA graph on a stream of its own and replays the graph. The capture allocates from a private
+    memory pool that lives as long as the graph: the addresses the graph writes to are never handed to
+    another array."""
+
+    def __init__(self, cp, block):
+        self.cp, self.block, self.graph, self.warm = cp, block, None, False
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.pool = cp.cuda.MemoryPool()
+
+    def run(self):
+        cp = self.cp
+        cp.cuda.Device().synchronize()              # the buffers were last written on the null stream
+        with self.stream:
+            if not self.warm:
+                self.block()
+                self.warm = True
+            else:
+                if self.graph is None:
+                    self.graph = self._capture()
+                self.graph.launch(self.stream)
+        self.stream.synchronize()
+
+    def _capture(self):
+        with self.cp.cuda.using_allocator(self.pool.malloc):
+            self.stream.begin_capture()
+            try:
+                self.block()
+            finally:
+                graph = self.stream.end_capture()
+        return graph
 
 
 def _synchronizer(xp):

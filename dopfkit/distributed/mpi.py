@@ -196,6 +196,9 @@ def run_mpi_admm(problem, comm=None, settings: ADMMSettings | None = None, excha
     if s.anderson:
         raise ValueError(f"settings.anderson={s.anderson}: Anderson acceleration is not supported under "
                          "MPI (its Gram matrix needs global inner products); use anderson=0")
+    if s.graph:
+        raise ValueError("settings.graph=True is not supported under MPI: the allreduce is a host call "
+                         "that a CUDA graph cannot hold; use graph=False")
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange {exchange!r} is not one of {EXCHANGES}")
     from mpi4py import MPI
