@@ -404,17 +404,27 @@ class _Halpern:
     def reset(self):
         self.anchor = None
 
-    def update(self, x, lam, x_new, lam_new, rho):
+    def points(self, x, lam, x_new, lam_new, rho):
+        """The current point and its image under the (reflected) map, multipliers scaled by 1/rho."""
         xp = self.xp
         s = xp.concatenate([x, lam / rho])
         t = xp.concatenate([x_new, lam_new / rho])
         if self.reflect:
             t = (1 + self.reflect) * t - self.reflect * s
+        return s, t
+
+    def restarts(self, r, r_anchor, r_prev):
+        """The restart test, on floats or on device scalars alike."""
+        return (r <= self.sufficient * r_anchor) | (r >= self.grow * r_anchor) | \
+            ((r <= self.necessary * r_anchor) & (r > r_prev))
+
+    def update(self, x, lam, x_new, lam_new, rho):
+        xp = self.xp
+        s, t = self.points(x, lam, x_new, lam_new, rho)
         r = float(xp.sqrt(self.reduce(xp.sum((t - s) ** 2))))
         if self.anchor is None:
             self.anchor, self.k, self.r_anchor, self.r_prev = s, 0, r, r
-        elif r <= self.sufficient * self.r_anchor or r >= self.grow * self.r_anchor or \
-                (r <= self.necessary * self.r_anchor and r > self.r_prev):
+        elif self.restarts(r, self.r_anchor, self.r_prev):
             self.anchor, self.k, self.r_anchor = s, 0, r
         self.r_prev = r
         k = self.k
@@ -439,13 +449,9 @@ class _ResidentHalpern(_Halpern):
 
     def update(self, x, lam, x_new, lam_new, rho):
         xp = self.xp
-        s = xp.concatenate([x, lam / rho])
-        t = xp.concatenate([x_new, lam_new / rho])
-        if self.reflect:
-            t = (1 + self.reflect) * t - self.reflect * s
+        s, t = self.points(x, lam, x_new, lam_new, rho)
         r = xp.sqrt(xp.sum((t - s) ** 2)).astype(np.float64)
-        restart = (r <= self.sufficient * self.r_anchor) | (r >= self.grow * self.r_anchor) | \
-            ((r <= self.necessary * self.r_anchor) & (r > self.r_prev))
+        restart = self.restarts(r, self.r_anchor, self.r_prev)
         self.anchor[...] = xp.where(restart, s, self.anchor)
         self.k[...] = xp.where(restart, 0.0, self.k)
         self.r_anchor[...] = xp.where(restart, r, self.r_anchor)
