@@ -160,7 +160,7 @@ lint: $(VENV_STAMP)
 	$(VENV_ABS)/bin/ruff check $(LINTED)
 
 lock: $(VENV_STAMP)
-	@{ echo '# Constraints for: pip install -c requirements-lock.txt -e ".[core,notebooks,docs,dev]"'; \
+	@{ echo '# Constraints for: pip install -c requirements-lock.txt -e ".[$(EXTRAS)]"'; \
 	   echo '# The full environment behind the book (CPython $(LOCK_PYTHON), Linux x86_64), made with `make lock`'; \
 	   echo '# (pip freeze --exclude-editable). Regenerate after changing the pins in pyproject.toml.'; \
 	   $(PY) -m pip freeze --exclude-editable; } > $(LOCK).tmp
