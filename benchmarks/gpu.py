@@ -2,6 +2,7 @@
 Writes data/results/gpu.json.
 
     python -m benchmarks.gpu [--feeders ...] [--admm-feeders ...] [--out PATH] [--device gpu|cpu]
+                             [--part all|cpu|device] [--merge CPU_JSON DEVICE_JSON]
 
 * Batched power flow (chapter 2): 1000 load scenarios per feeder, dopfkit's batch on the GPU (float64)
   against OpenDSS solving them one after another (warm-started: its fastest sequential mode) and
@@ -15,6 +16,11 @@ Writes data/results/gpu.json.
   iterations replayed as one CUDA graph); and the zoned decomposition (chapter 7) on numpy and the GPU.
   Target: IEEE 8500's total time on the GPU at least 20 times below the CPU run.
 
+On IEEE 8500 only the numpy peer and the padded and graph GPU runs go to convergence; the others are
+timed per iteration. ``--part cpu`` and ``--part device`` split a run into the numpy peers and the rest,
+so that a machine with many cores runs them side by side (``scripts/device_check.sh`` does), and
+``--merge`` joins the halves.
+
 ``--device cpu`` runs the same code with numpy in place of CuPy (a dry run on a machine without a
 GPU: nothing it measures is a GPU figure, and the record says so). ``scripts/device_check.sh`` runs
 this on a lent GPU machine.
@@ -27,6 +33,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")          # numpy on one core, as in benchmarks.admm
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import time  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -51,6 +58,9 @@ HALPERN_RHO = {"ieee13": 10.0, "ieee37": 10.0, "ieee123": 3.0, "ieee8500": 30.0}
 ZONES = {"ieee13": (4, 10.0, 0.3), "ieee123": (12, 10.0, 1.0), "ieee8500": (70, 5.0, 0.3)}
 TOL, MAX_ITER, FIXED_ITER = 1e-3, 60_000, 2_000
 BUCKETS = 4              # "_padded": the size groups merged into 4 zero-padded batches (fewer launches)
+# above LARGE columns (IEEE 8500) only these runs go to convergence, the others are timed per iteration:
+# a lent GPU has minutes, and float32 does not converge there (chapter 7)
+LARGE, CONVERGE_LARGE = 10_000, ("numpy_float64", "device_float64_padded", "device_float64_graph")
 
 
 def _runs(device: str) -> tuple:
@@ -73,11 +83,15 @@ def _guarded(graph: bool, measure, /, *args, **kwargs):
         return f"failed: {type(exc).__name__}: {exc}"
 
 
-def _halpern_and_paper(admm: ADMM, reference: float, halpern: dict, fixed: dict, check: dict) -> dict:
-    """The Halpern run to convergence, and the paper's step timed over a fixed number of iterations."""
+def _halpern_and_paper(admm: ADMM, reference: float, halpern: dict | None, fixed: dict,
+                       check: dict) -> dict:
+    """The paper's step timed over a fixed number of iterations, and the Halpern run to convergence
+    (``halpern`` None: not run, to keep a large feeder within the device's time)."""
     paper = admm.solve(ADMMSettings(**fixed, **check))
-    return {"halpern": run(admm, reference, **halpern, **check),
-            "paper_per_iteration_ms": 1e3 * paper.times["iteration"]}
+    rec = {"paper_per_iteration_ms": 1e3 * paper.times["iteration"]}
+    if halpern is not None:
+        rec["halpern"] = run(admm, reference, **halpern, **check)
+    return rec
 
 
 def _check(device: str, graph: bool) -> dict:
@@ -102,12 +116,15 @@ def bench_powerflow(name: str, device: str, batch: np.ndarray) -> dict:
     return rec
 
 
-def bench_admm(name: str, device: str) -> dict:
-    runs = _runs(device)
+def bench_admm(name: str, device: str, part: str = "all") -> dict:
+    """``part``: "all" runs, "cpu" only the numpy peers, "device" only the GPU runs (the two halves
+    run side by side on a lent machine, :func:`merge` joins them)."""
+    runs = [r for r in _runs(device) if part == "all" or r[0].startswith("numpy") == (part == "cpu")]
     problem = pv_problem(name)
     dec = decompose(problem)
     lp = dec.lp
     highs = solve_highs(lp, **({"solver": "ipm"} if lp.A.shape[1] > 5000 else {}))
+    large = lp.A.shape[1] > LARGE
     rec = {"columns": lp.A.shape[1], "subsystems": dec.n_subsystems, "highs_objective": highs.objective,
            "halpern_rho": HALPERN_RHO[name]}
     halpern = {"rho": HALPERN_RHO[name], "tol": TOL, "halpern": True, "reflect": 1.0, "max_iter": MAX_ITER}
@@ -115,14 +132,13 @@ def bench_admm(name: str, device: str) -> dict:
     for label, dev, dtype, buckets, graph in runs:
         admm = ADMM(dec, device=dev, dtype=dtype, buckets=buckets)
         admm.solve(ADMMSettings(rho=100.0, max_iter=20, tol=0.0))       # CUDA context, kernel caches
-        rec[label] = r = _guarded(graph, _halpern_and_paper, admm, highs.objective, halpern, fixed,
-                                  _check(dev, graph))
+        converge = not large or label in CONVERGE_LARGE
+        rec[label] = r = _guarded(graph, _halpern_and_paper, admm, highs.objective,
+                                  halpern if converge else None, fixed, _check(dev, graph))
         print(f"  {name} {label}: " + (r if isinstance(r, str) else
-              f"Halpern {r['halpern']['iterations']} iterations, {r['halpern']['total_s']:.2f} s; "
-              f"paper's step {r['paper_per_iteration_ms']:.3f} ms"), flush=True)
-    rec["speedup_total_halpern"] = {
-        k: rec["numpy_float64"]["halpern"]["total_s"] / rec[k]["halpern"]["total_s"]
-        for k, *_ in runs[1:] if isinstance(rec[k], dict)}
+              (f"Halpern {r['halpern']['iterations']} iterations, {r['halpern']['total_s']:.2f} s; "
+               if "halpern" in r else "") + f"paper's step {r['paper_per_iteration_ms']:.3f} ms"),
+              flush=True)
     if name in ZONES:                                      # fewer, larger, dense blocks
         k, rho, der_scale = ZONES[name]
         zoned = decompose(problem, lp, zone_buses=k, der_scale=der_scale)
@@ -136,9 +152,36 @@ def bench_admm(name: str, device: str) -> dict:
                                         reflect=1.0, max_iter=MAX_ITER, **_check(dev, graph))
             print(f"  {name} zones of {k}, {label}: " + (r if isinstance(r, str) else
                   f"{r['iterations']} iterations, {r['total_s']:.2f} s"), flush=True)
-        zones["speedup_total"] = {label: zones["numpy_float64"]["total_s"] / zones[label]["total_s"]
-                                  for label, *_ in runs[1:] if isinstance(zones.get(label), dict)}
+    return add_speedups(rec)
+
+
+def add_speedups(rec: dict) -> dict:
+    """Total time of the numpy peer over each GPU run's, where both are in the record."""
+    def ratios(group: dict, total):
+        base = total(group.get("numpy_float64"))
+        return {k: base / total(v) for k, v in group.items()
+                if k.startswith("device_") and base is not None and total(v) is not None}
+    rec["speedup_total_halpern"] = ratios(
+        rec, lambda r: r["halpern"]["total_s"] if isinstance(r, dict) and "halpern" in r else None)
+    if "zones" in rec:
+        rec["zones"]["speedup_total"] = ratios(
+            rec["zones"], lambda r: r["total_s"] if isinstance(r, dict) and "total_s" in r else None)
     return rec
+
+
+def merge(cpu: dict, device: dict) -> dict:
+    """One record from the two halves of a run (``--part cpu`` and ``--part device``), speedups
+    recomputed; the machine and settings are the device half's."""
+    out = {**device, "parts": "cpu and device halves run side by side on this machine"}
+    for name, rec in cpu.get("admm", {}).items():
+        both = out["admm"].setdefault(name, {})
+        for key, value in rec.items():
+            if isinstance(value, dict) and isinstance(both.get(key), dict):
+                both[key] = {**both[key], **value}
+            else:
+                both.setdefault(key, value)
+        add_speedups(both)
+    return out
 
 
 def _host(a) -> np.ndarray:
@@ -151,17 +194,27 @@ def main(argv=None) -> dict:
     ap.add_argument("--admm-feeders", nargs="*", default=ADMM_FEEDERS)
     ap.add_argument("--scenarios", type=int, default=1000)
     ap.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
+    ap.add_argument("--part", choices=("all", "cpu", "device"), default="all",
+                    help="cpu: only ADMM's numpy peers; device: the rest (run both side by side)")
+    ap.add_argument("--merge", nargs=2, type=Path, metavar=("CPU_JSON", "DEVICE_JSON"),
+                    help="join the two halves into --out and exit")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
+    if args.merge:
+        cpu, device = (json.loads(p.read_text()) for p in args.merge)
+        write_results(merge(cpu, device), args.out)
+        print(f"wrote {args.out}")
+        return json.loads(args.out.read_text())
     if args.device == "gpu" and not gpu_available():
         raise SystemExit("benchmarks.gpu: no CUDA GPU with CuPy here; use --device cpu for a dry run")
     batch = np.random.default_rng(2024).uniform(0.5, 1.2, args.scenarios)
     results = {"machine": machine(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "device": args.device,
+               "device": args.device, "part": args.part,
                "settings": {"scenarios": args.scenarios, "admm_tol": TOL, "admm_max_iter": MAX_ITER,
-                            "paper_fixed_iterations": FIXED_ITER, "numpy_threads": 1},
+                            "paper_fixed_iterations": FIXED_ITER, "numpy_threads": 1,
+                            "converge_above_columns": {"columns": LARGE, "runs": list(CONVERGE_LARGE)}},
                "powerflow": {}, "admm": {}}
-    for name in args.feeders:
+    for name in args.feeders if args.part != "cpu" else []:
         t = time.perf_counter()
         results["powerflow"][name] = rec = bench_powerflow(name, args.device, batch)
         print(f"{name}: {rec['dopfkit_device']:.0f} scenarios/s on {args.device}, CPU batch "
@@ -169,7 +222,7 @@ def main(argv=None) -> dict:
               f"({rec['ratio_to_opendss']:.1f}x OpenDSS; {time.perf_counter() - t:.0f} s)", flush=True)
         write_results(results, args.out)                   # keep what is done if the run is cut off
     for name in args.admm_feeders:
-        results["admm"][name] = bench_admm(name, args.device)
+        results["admm"][name] = bench_admm(name, args.device, args.part)
         write_results(results, args.out)
     print(f"wrote {args.out}")
     return results
