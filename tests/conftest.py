@@ -5,6 +5,9 @@
 * GPU: ``requires_gpu`` (``from conftest import requires_gpu``) and the markers ``@pytest.mark.gpu`` /
   ``@pytest.mark.requires_gpu`` skip a test unless cupy is installed and sees a CUDA device.
 * MPI: ``@pytest.mark.mpi`` skips a test unless mpi4py can be imported.
+* ``DOPFKIT_REQUIRE`` (comma-separated: ``mpi``, ``ipopt``, ``gpu``) turns those skips into an error
+  that stops the run: CI builds MPI and Ipopt, and a lent GPU machine has a GPU, so there a missing
+  component is a broken set-up, not a reason to skip.
 """
 
 from __future__ import annotations
@@ -52,7 +55,34 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def _required() -> set[str]:
+    return {n.strip() for n in os.environ.get("DOPFKIT_REQUIRE", "").split(",") if n.strip()}
+
+
+def _check_required() -> None:
+    from dopfkit import solvers
+    have = {"mpi": mpi_available, "gpu": gpu_available, "ipopt": lambda: solvers.available()["ipopt"]}
+    names = sorted(_required())
+    unknown = sorted(set(names) - set(have))
+    if unknown:
+        raise pytest.UsageError(f"DOPFKIT_REQUIRE names {unknown}; known: {sorted(have)}")
+    missing = [n for n in names if not have[n]()]
+    if missing:
+        raise pytest.UsageError(f"DOPFKIT_REQUIRE={os.environ['DOPFKIT_REQUIRE']}: {missing} not available, "
+                                "so the tests that need it would only be skipped")
+
+
+def require_mpiexec(path: Path) -> None:
+    """Skip without ``mpiexec`` beside the interpreter, unless DOPFKIT_REQUIRE names mpi."""
+    if not path.exists():
+        message = f"no mpiexec next to {path.parent / 'python'}"
+        if "mpi" in _required():
+            pytest.fail(message + " (DOPFKIT_REQUIRE names mpi)")
+        pytest.skip(message)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _check_required()
     skip_gpu = pytest.mark.skip(reason=_GPU_REASON)
     skip_mpi = pytest.mark.skip(reason=_MPI_REASON)
     for item in items:

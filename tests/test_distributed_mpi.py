@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_mpiexec
 
 from dopfkit.distributed import ADMM, ADMMSettings, decompose
 from dopfkit.distributed.mpi import column_parts, partition, pv_problem, run_mpi_admm, tree_order
@@ -60,8 +61,7 @@ def test_one_rank_reproduces_the_single_process_run(case13):
 @pytest.mark.mpi
 @pytest.mark.parametrize("exchange", ["shared", "full"])
 def test_two_ranks_reproduce_the_single_process_run_and_highs(case13, exchange, tmp_path):
-    if not MPIEXEC.exists():
-        pytest.skip(f"no mpiexec next to {sys.executable}")
+    require_mpiexec(MPIEXEC)
     dec, ref, sol = case13
     out_file = tmp_path / "out.json"
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -85,8 +85,7 @@ def test_two_ranks_reproduce_the_single_process_run_and_highs(case13, exchange, 
 def test_two_ranks_reproduce_the_accelerated_run(case13, tmp_path):
     """Halpern's restart test uses the residual norm over every rank, so both ranks restart together
     and the iterates are those of one process."""
-    if not MPIEXEC.exists():
-        pytest.skip(f"no mpiexec next to {sys.executable}")
+    require_mpiexec(MPIEXEC)
     dec = case13[0]
     ref = ADMM(dec).solve(ADMMSettings(rho=100, tol=1e-3, max_iter=20_000, halpern=True, reflect=1.0))
     out_file = tmp_path / "out.json"

@@ -71,6 +71,34 @@ def test_model_matches_exact_powerflow_at_q0_and_lindist3flow_sensitivity(case13
     assert np.abs(dv_model - dv_exact).max() < 0.2 * np.abs(dv_exact).max()
 
 
+def test_exact_plant_matches_opendss_with_the_same_injections(case13, net13):
+    """The plant of the closed loop, with its PV and some inverter vars, against OpenDSS solving the
+    same injections as negative constant-power loads on the snapshot (taps and capacitors frozen
+    where they settled), loads at the case's multiplier."""
+    import opendssdirect as dss
+
+    from dopfkit.feeders import feeder_master
+    from dopfkit.opendss import current_voltages, opendss_voltages
+
+    m = case13
+    q = np.where(m.controllable, -0.05, 0.0)
+    plant = vv.ExactPlant(m)
+    v2 = plant.solve(q)
+    opendss_voltages(feeder_master("ieee13"))          # the snapshot; leaves ControlMode=Off
+    s_va = np.concatenate([plant.s_fixed, 1j * q[plant.inv_pos] * plant.share]) * net13.sbase
+    for k, (node, s) in enumerate(zip(plant.nodes, s_va)):
+        kv = net13.vbase[net13.nodes.get_loc(node)] / 1e3
+        kw, kvar = -s.real / 1e3 / m.load_scale, -s.imag / 1e3 / m.load_scale   # LoadMult scales these too
+        dss.Text.Command(f"New Load.injection{k} bus1={node} phases=1 conn=wye kV={kv} kW={kw} "
+                         f"kvar={kvar} model=1 vminpu=0.5 vmaxpu=2")
+    dss.Text.Command(f"Set LoadMult={m.load_scale}")
+    dss.Text.Command("Solve")
+    assert dss.Solution.Converged()
+    v_dss = current_voltages()[m.nodes].to_numpy() / net13.vbase[net13.nodes.get_indexer(m.nodes)]
+    assert len(plant.nodes) > 3 and np.abs(q).max() > 0
+    assert np.abs(v2 - np.abs(v_dss) ** 2).max() < 1e-6
+
+
 def test_merged_and_fixed_nodes(case13):
     m = case13
     assert m.agent["692.1"] == "671.1"                  # behind the 671-692 switch: same node

