@@ -122,8 +122,10 @@ class ADMM:
             self.padded.append((xp.asarray(np.maximum(index, 0)), xp.asarray(np.flatnonzero(flat >= 0)),
                                 xp.asarray(flat[flat >= 0]), put(P), put(k)))
         self.ncol, self.ncopy = ncol, len(dec.copy_col)
-        # on a GPU the copies are summed per column by a padded gather (no host synchronization)
+        # on a GPU the copies are summed per column by a padded gather (no host synchronization),
+        # reading rho x - lam from a buffer whose extra last slot, the padding's, stays 0
         self.copies_of = None if xp is np else xp.asarray(copies_by_column(dec.copy_col, ncol))
+        self._v = None if xp is np else xp.zeros(len(dec.copy_col) + 1, self.dtype)
         # MPI replaces these by allreduce (dopfkit.distributed.mpi); one process sums nothing
         self.reduce = self.reduce_scalar = lambda a: a
 
@@ -139,11 +141,12 @@ class ADMM:
         """Clamped average of the copies. ``reduce`` sums the partial sums of all MPI ranks (the only
         communication the algorithm needs); in one process it is the identity."""
         xp = self.xp
-        v = rho * x - lam
         if self.copies_of is None:
-            s = xp.bincount(self.copy_col, weights=v, minlength=self.ncol).astype(self.dtype)
+            s = xp.bincount(self.copy_col, weights=rho * x - lam, minlength=self.ncol)
+            s = s.astype(self.dtype, copy=False)
         else:
-            s = column_sums(xp, v, self.copies_of)
+            xp.subtract(rho * x, lam, out=self._v[:-1])
+            s = column_sums(self._v, self.copies_of)
         z = (self.reduce(s) - self.c_orphan) / (rho * self.n_col + self.q)
         return xp.clip(z, self.lower, self.upper)
 
@@ -318,11 +321,11 @@ def copies_by_column(copy_col: np.ndarray, ncol: int) -> np.ndarray:
     return index
 
 
-def column_sums(xp, values, index):
-    """Per-column sums of ``values`` (one per copy) through :func:`copies_by_column`'s index: the
-    same numbers as ``bincount(copy_col, weights=values)``, in two kernels that never synchronize."""
-    padded = xp.concatenate([values, xp.zeros(1, values.dtype)])
-    return padded[index].sum(axis=1)
+def column_sums(values_and_zero, index):
+    """Per-column sums of the values (one per copy, then a 0 that the padding reads) through
+    :func:`copies_by_column`'s index: the numbers of ``bincount(copy_col, weights=values)``, in two
+    kernels that never synchronize."""
+    return values_and_zero[index].sum(axis=1)
 
 
 def paper_start(lp) -> np.ndarray:
