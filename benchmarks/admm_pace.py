@@ -35,6 +35,7 @@ from benchmarks.admm import DER_SCALE, TOL  # noqa: E402
 from benchmarks.powerflow import machine  # noqa: E402
 from dopfkit.distributed.admm import _Halpern, paper_start  # noqa: E402
 from dopfkit.distributed.decomposition import der_column_scale  # noqa: E402
+from dopfkit.distributed.kernels import ElementwiseSteps  # noqa: E402
 from dopfkit.opf import pv_problem  # noqa: E402
 from dopfkit.opf.lindist3flow import lindist3flow_lp  # noqa: E402
 from dopfkit.opf.standard_form import solve_highs  # noqa: E402
@@ -67,7 +68,7 @@ def one_block(lp, reference: float, rho: float = RHO, der_scale: float = 1.0) ->
     lo, hi = s.lower, s.upper
     x = paper_start(lp) / d
     lam = np.zeros_like(x)
-    halpern = _Halpern(np, 1.0)
+    halpern = _Halpern(ElementwiseSteps(np), 1.0)
     z_prev = np.clip(x - lam / rho, lo, hi)
     t0 = time.perf_counter()
     it = 0

@@ -13,10 +13,12 @@ Writes data/results/gpu.json.
   a fixed number of iterations for the time per iteration (``numpy_float64``, ``device_float64``,
   ``device_float32``, ``device_float64_padded``: size groups merged into a few padded batches;
   ``device_float64_graph``: the padded batches with the loop kept on the device and every 50
-  iterations replayed as one CUDA graph); and the zoned decomposition (chapter 7) on numpy and the GPU.
+  iterations replayed as one CUDA graph; ``device_float64_graph_fused``: the same with each elementwise
+  step compiled into one kernel by cupy.fuse, against ``_graph`` the measure of whether fusing pays);
+  and the zoned decomposition (chapter 7) on numpy and the GPU.
   Target: IEEE 8500's total time on the GPU at least 20 times below the CPU run.
 
-On IEEE 8500 only the numpy peer and the padded and graph GPU runs go to convergence; the others are
+On IEEE 8500 only the numpy peer and the padded, graph and fused GPU runs go to convergence; the others are
 timed per iteration. ``--part cpu`` and ``--part device`` split a run into the numpy peers and the rest,
 so that a machine with many cores runs them side by side (``scripts/device_check.sh`` does), and
 ``--merge`` joins the halves.
@@ -60,22 +62,27 @@ TOL, MAX_ITER, FIXED_ITER = 1e-3, 60_000, 2_000
 BUCKETS = 4              # "_padded": the size groups merged into 4 zero-padded batches (fewer launches)
 # above LARGE columns (IEEE 8500) only these runs go to convergence, the others are timed per iteration:
 # a lent GPU has minutes, and float32 does not converge there (chapter 7)
-LARGE, CONVERGE_LARGE = 10_000, ("numpy_float64", "device_float64_padded", "device_float64_graph")
+LARGE = 10_000
+CONVERGE_LARGE = ("numpy_float64", "device_float64_padded", "device_float64_graph",
+                  "device_float64_graph_fused")
 
 
 def _runs(device: str) -> tuple:
-    """(label, device, dtype, buckets, CUDA graph) of every ADMM run; the first is the CPU peer."""
-    return (("numpy_float64", "cpu", np.float64, None, False),
-            ("device_float64", device, np.float64, None, False),
-            ("device_float32", device, np.float32, None, False),
-            ("device_float64_padded", device, np.float64, BUCKETS, False),
-            ("device_float64_graph", device, np.float64, BUCKETS, True))
+    """(label, device, dtype, buckets, loop settings) of every ADMM run; the first is the CPU peer."""
+    graph, fused = {"graph": True}, {"graph": True, "fuse": True}
+    return (("numpy_float64", "cpu", np.float64, None, {}),
+            ("device_float64", device, np.float64, None, {}),
+            ("device_float32", device, np.float32, None, {}),
+            ("device_float64_padded", device, np.float64, BUCKETS, {}),
+            ("device_float64_graph", device, np.float64, BUCKETS, graph),
+            ("device_float64_graph_fused", device, np.float64, BUCKETS, fused))
 
 
-def _guarded(graph: bool, measure, /, *args, **kwargs):
-    """``measure(*args, **kwargs)``; for a CUDA graph run, its error as the record where it fails, so
-    that a first try of the graphs on a lent GPU cannot cost the rest of the run."""
-    if not graph:
+def _guarded(untried: bool, measure, /, *args, **kwargs):
+    """``measure(*args, **kwargs)``; for a run of what no GPU has run yet (CUDA graphs, fused kernels),
+    its error as the record where it fails, so that a first try on a lent GPU cannot cost the rest of
+    the run."""
+    if not untried:
         return measure(*args, **kwargs)
     try:
         return measure(*args, **kwargs)
@@ -94,10 +101,10 @@ def _halpern_and_paper(admm: ADMM, reference: float, halpern: dict | None, fixed
     return rec
 
 
-def _check(device: str, graph: bool) -> dict:
+def _check(device: str, loop: dict) -> dict:
     """A GPU reads the residuals back every 50 iterations (one sync each); the dry run keeps numpy's
     every-iteration check, so that its iterates can be compared with numpy's one for one."""
-    return {**({} if device == "cpu" else {"check_every": 50}), **({"graph": True} if graph else {})}
+    return {**({} if device == "cpu" else {"check_every": 50}), **loop}
 
 
 def bench_powerflow(name: str, device: str, batch: np.ndarray) -> dict:
@@ -129,12 +136,12 @@ def bench_admm(name: str, device: str, part: str = "all") -> dict:
            "halpern_rho": HALPERN_RHO[name]}
     halpern = {"rho": HALPERN_RHO[name], "tol": TOL, "halpern": True, "reflect": 1.0, "max_iter": MAX_ITER}
     fixed = {"rho": 100.0, "tol": 0.0, "max_iter": FIXED_ITER}
-    for label, dev, dtype, buckets, graph in runs:
+    for label, dev, dtype, buckets, loop in runs:
         admm = ADMM(dec, device=dev, dtype=dtype, buckets=buckets)
         admm.solve(ADMMSettings(rho=100.0, max_iter=20, tol=0.0))       # CUDA context, kernel caches
         converge = not large or label in CONVERGE_LARGE
-        rec[label] = r = _guarded(graph, _halpern_and_paper, admm, highs.objective,
-                                  halpern if converge else None, fixed, _check(dev, graph))
+        rec[label] = r = _guarded(bool(loop), _halpern_and_paper, admm, highs.objective,
+                                  halpern if converge else None, fixed, _check(dev, loop))
         print(f"  {name} {label}: " + (r if isinstance(r, str) else
               (f"Halpern {r['halpern']['iterations']} iterations, {r['halpern']['total_s']:.2f} s; "
                if "halpern" in r else "") + f"paper's step {r['paper_per_iteration_ms']:.3f} ms"),
@@ -144,12 +151,12 @@ def bench_admm(name: str, device: str, part: str = "all") -> dict:
         zoned = decompose(problem, lp, zone_buses=k, der_scale=der_scale)
         zones = rec["zones"] = {"zone_buses": k, "der_scale": der_scale, "subsystems": zoned.n_subsystems,
                                 "size_groups": len(zoned.groups)}
-        for label, dev, dtype, buckets, graph in runs:
+        for label, dev, dtype, buckets, loop in runs:
             if dtype == np.float32:
                 continue
             admm = ADMM(zoned, device=dev, buckets=buckets)
-            zones[label] = r = _guarded(graph, run, admm, highs.objective, rho=rho, tol=TOL, halpern=True,
-                                        reflect=1.0, max_iter=MAX_ITER, **_check(dev, graph))
+            zones[label] = r = _guarded(bool(loop), run, admm, highs.objective, rho=rho, tol=TOL,
+                                        halpern=True, reflect=1.0, max_iter=MAX_ITER, **_check(dev, loop))
             print(f"  {name} zones of {k}, {label}: " + (r if isinstance(r, str) else
                   f"{r['iterations']} iterations, {r['total_s']:.2f} s"), flush=True)
     return add_speedups(rec)

@@ -14,17 +14,21 @@ def test_gpu_benchmark_dry_run_writes_a_consistent_record(tmp_path):
     pf = rec["powerflow"]["ieee13"]
     assert pf["max_abs_difference_pu"] < 1e-9 and pf["opendss_sequential"] > 0
     admm = rec["admm"]["ieee13"]
-    for variant in ("numpy_float64", "device_float64", "device_float32", "device_float64_graph"):
+    for variant in ("numpy_float64", "device_float64", "device_float32", "device_float64_graph",
+                    "device_float64_graph_fused"):
         run = admm[variant]["halpern"]
         assert run["converged"] and run["gap_rel"] <= 1e-4 and run["violation"] <= 1e-4
-    for variant in ("device_float64", "device_float64_graph"):    # the device-resident loop included
+    for variant in ("device_float64", "device_float64_graph", "device_float64_graph_fused"):
+        # the device-resident loop included
         assert admm[variant]["halpern"]["iterations"] == admm["numpy_float64"]["halpern"]["iterations"]
     zones = admm["zones"]                                   # zoned, DER columns scaled, padded batches
-    for variant in ("numpy_float64", "device_float64", "device_float64_padded", "device_float64_graph"):
+    for variant in ("numpy_float64", "device_float64", "device_float64_padded", "device_float64_graph",
+                    "device_float64_graph_fused"):
         run = zones[variant]
         assert run["converged"] and run["gap_rel"] <= 1e-4 and run["violation"] <= 1e-4
         assert run["iterations"] == zones["numpy_float64"]["iterations"]
-    assert set(zones["speedup_total"]) == {"device_float64", "device_float64_padded", "device_float64_graph"}
+    assert set(zones["speedup_total"]) == {"device_float64", "device_float64_padded", "device_float64_graph",
+                                           "device_float64_graph_fused"}
 
 
 def test_gpu_benchmark_halves_merge_into_one_record(tmp_path):
@@ -56,4 +60,5 @@ def test_large_feeder_converges_only_the_named_runs(monkeypatch):
     monkeypatch.setattr(gpu, "ZONES", {})
     rec = gpu.bench_admm("ieee13", "cpu")
     assert "halpern" not in rec["device_float32"] and rec["device_float32"]["paper_per_iteration_ms"] > 0
-    assert set(rec["speedup_total_halpern"]) == {"device_float64_padded", "device_float64_graph"}
+    assert set(rec["speedup_total_halpern"]) == {"device_float64_padded", "device_float64_graph",
+                                                 "device_float64_graph_fused"}

@@ -313,6 +313,32 @@ def test_cuda_graph_replays_the_eager_gpu_loop(case13, settings):
     assert abs(graph.objective - sol.objective) <= 1e-4 * abs(sol.objective)
 
 
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, settings", [(np.float64, dict(rho=100.0)),
+                                             (np.float64, dict(rho=100.0, relax=1.6)),
+                                             (np.float64, dict(rho=10.0, halpern=True, reflect=1.0)),
+                                             (np.float32, dict(rho=10.0, halpern=True, reflect=1.0))])
+def test_fused_kernels_follow_the_unfused_gpu_loop(case13, dtype, settings):
+    """fuse=True compiles each elementwise step into one kernel (cupy.fuse): the iterates of the same
+    steps run one operation at a time, eagerly and replayed as a CUDA graph, up to the rounding the
+    compiler saves by contracting a * b + c into one FMA inside a fused kernel."""
+    _, dec, sol = case13
+    s = dict(tol=1e-3, max_iter=20_000, check_every=50, **settings)
+    gpu = ADMM(dec, device="gpu", dtype=dtype, buckets=3)
+    plain = gpu.solve(ADMMSettings(**s))
+    for graph in (False, True):
+        fused = gpu.solve(ADMMSettings(fuse=True, graph=graph, **s))
+        assert fused.converged and fused.dtype == np.dtype(dtype).name and fused.state.x.dtype == dtype
+        if dtype == np.float64:
+            assert fused.iterations == plain.iterations
+            np.testing.assert_allclose(fused.z, plain.z, atol=1e-8)
+            assert abs(fused.objective - sol.objective) <= 1e-4 * abs(sol.objective)
+        else:
+            assert abs(fused.iterations - plain.iterations) <= 0.05 * plain.iterations
+            assert abs(fused.objective - sol.objective) <= 1e-3 * abs(sol.objective)
+
+
 def test_one_block_projection_is_the_orthogonal_projection(case13):
     """benchmarks.admm_pace's sparse KKT projection against the pseudo-inverse on IEEE 13."""
     from benchmarks.admm_pace import projector

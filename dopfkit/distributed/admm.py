@@ -25,7 +25,8 @@ Two things remove them: the global update sums the copies by a padded gather (``
 the host for the largest index, a synchronization, every iteration), and ``graph=True`` keeps every
 control variable on the device, Halpern's restart test included, so that ``check_every`` iterations
 are captured once as a CUDA graph and replayed with one launch. On numpy the same device-resident loop
-runs eagerly, which is how its iterates are tested against the plain loop.
+runs eagerly, which is how its iterates are tested against the plain loop. ``fuse=True`` compiles
+each elementwise step of the iteration (:mod:`dopfkit.distributed.kernels`) into one CuPy kernel.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import numpy as np
 
 from dopfkit.backend import array_module
 from dopfkit.distributed.decomposition import Decomposition, padded_groups
+from dopfkit.distributed.kernels import ElementwiseSteps
 
 
 @dataclass
@@ -87,6 +89,7 @@ class ADMMSettings:
     halpern: bool = False           # restarted Halpern iteration (anchored averaging, adaptive restarts)
     reflect: float = 0.0            # ... on the relaxed map (1 + reflect) T - reflect I (0 <= reflect <= 1)
     graph: bool = False             # device-resident loop, check_every iterations per CUDA graph (CuPy)
+    fuse: bool = False              # CuPy: each elementwise step one fused kernel (numpy: no effect)
 
 
 class ADMM:
@@ -122,10 +125,11 @@ class ADMM:
             self.padded.append((xp.asarray(np.maximum(index, 0)), xp.asarray(np.flatnonzero(flat >= 0)),
                                 xp.asarray(flat[flat >= 0]), put(P), put(k)))
         self.ncol, self.ncopy = ncol, len(dec.copy_col)
-        # on a GPU the copies are summed per column by a padded gather (no host synchronization),
-        # reading rho x - lam from a buffer whose extra last slot, the padding's, stays 0
+        # rho x - lam goes into a buffer whose extra last slot stays 0; on a GPU the copies are summed
+        # per column by a padded gather (no host synchronization) that reads that slot for padding
         self.copies_of = None if xp is np else xp.asarray(copies_by_column(dec.copy_col, ncol))
-        self._v = None if xp is np else xp.zeros(len(dec.copy_col) + 1, self.dtype)
+        self._v = xp.zeros(len(dec.copy_col) + 1, self.dtype)
+        self.steps = ElementwiseSteps(xp)
         # MPI replaces these by allreduce (dopfkit.distributed.mpi); one process sums nothing
         self.reduce = self.reduce_scalar = lambda a: a
 
@@ -140,26 +144,28 @@ class ADMM:
     def global_update(self, x, lam, rho):
         """Clamped average of the copies. ``reduce`` sums the partial sums of all MPI ranks (the only
         communication the algorithm needs); in one process it is the identity."""
-        xp = self.xp
+        xp, rho = self.xp, self.dtype.type(rho)
+        self.steps.consensus_terms(self._v[:-1], x, lam, rho)
         if self.copies_of is None:
-            s = xp.bincount(self.copy_col, weights=rho * x - lam, minlength=self.ncol)
+            s = xp.bincount(self.copy_col, weights=self._v[:-1], minlength=self.ncol)
             s = s.astype(self.dtype, copy=False)
         else:
-            xp.subtract(rho * x, lam, out=self._v[:-1])
             s = column_sums(self._v, self.copies_of)
-        z = (self.reduce(s) - self.c_orphan) / (rho * self.n_col + self.q)
-        return xp.clip(z, self.lower, self.upper)
+        return self.steps.clamped_average(self.reduce(s), self.c_orphan, rho, self.n_col, self.q,
+                                          self.lower, self.upper)
 
-    def norms(self, *vectors):
-        """2-norms over the copies of every rank, in one reduction. ``sum(a * a)`` rather than
-        ``a @ a``: a threaded BLAS dot stalls for milliseconds when the other cores are busy."""
-        xp = self.xp
-        return xp.sqrt(self.reduce_scalar(xp.stack([xp.sum(v * v) for v in vectors])))
+    def residual_norms(self, w_z, x_new, w_prev, lam, lam_new, rho, relax):
+        """The primal residual's 2-norm and the dual's before its factor rho, over the copies of every
+        rank, in one reduction. ``sum(d * d)`` rather than ``d @ d``: a threaded BLAS dot stalls for
+        milliseconds when the other cores are busy."""
+        xp, squared = self.xp, self.steps.squared_distance
+        primal = squared(w_z, x_new, None) if relax == 1.0 else squared(lam_new, lam, self.dtype.type(rho))
+        return xp.sqrt(self.reduce_scalar(xp.stack([primal, squared(w_z, w_prev, None)])))
 
     def local_update(self, w, lam, rho, out):
         """``x_s = P_s (w_s + (lam_s - c_s) / rho) + k_s`` for every group; ``w = B z``."""
         xp = self.xp
-        y = w + (lam - self.c_copy) / rho
+        y = self.steps.local_target(w, lam, self.c_copy, self.dtype.type(rho))
         for gather, slots, copies, P, k in self.padded:     # padding slots read any copy: P zeroes it
             out[copies] = (xp.matmul(P, y[gather][..., None])[..., 0] + k).reshape(-1)[slots]
         for start, stop, G, n, P, k in self.groups:
@@ -173,9 +179,10 @@ class ADMM:
     def step(self, x, lam, rho, relax=1.0, sync=None, clock=None):
         """One iteration from ``(x, lam)``: ``z, x_new, lam_new, Bz``; step times added to ``clock``."""
         t0 = time.perf_counter()
+        steps, dt = self.steps, self.dtype.type
         z = self.global_update(x, lam, rho)
         w_z = z[self.copy_col]
-        w = relax * w_z + (1 - relax) * x if relax != 1.0 else w_z
+        w = steps.over_relaxed(w_z, x, dt(relax), dt(1 - relax)) if relax != 1.0 else w_z
         if sync:
             sync()
         t1 = time.perf_counter()
@@ -183,7 +190,7 @@ class ADMM:
         if sync:
             sync()
         t2 = time.perf_counter()
-        lam_new = lam + rho * (w - x_new)
+        lam_new = steps.dual_update(lam, dt(rho), w, x_new)
         if sync:
             sync()
         if clock is not None:
@@ -200,6 +207,7 @@ class ADMM:
             raise ValueError("ADMMSettings(graph=True) runs a fixed sequence of device operations: it "
                              "cannot change rho (adaptive), run Anderson's host solve or time the steps")
         sync = _synchronizer(xp)
+        self.steps = ElementwiseSteps(xp, s.fuse)
         if warm_start is None:
             x = xp.asarray(self.initial_x().astype(dt))
             lam = xp.zeros(self.ncopy, dt)
@@ -230,14 +238,13 @@ class ADMM:
         sync = _synchronizer(self.xp)
         w_prev = self.global_update(x, lam, rho)[self.copy_col]
         accel = _Anderson(self.xp, s.anderson, s.anderson_safeguard) if s.anderson else \
-            _Halpern(self.xp, s.reflect, self.reduce_scalar) if s.halpern else None
+            _Halpern(self.steps, s.reflect, self.reduce_scalar) if s.halpern else None
         pending = []
         it, converged = 0, False
         while it < s.max_iter:
             it += 1
             z, x_new, lam_new, w_z = self.step(x, lam, rho, s.relax, sync if s.timing else None, clock)
-            primal = w_z - x_new if s.relax == 1.0 else (lam_new - lam) / rho
-            r_dev, s_dev = self.norms(primal, w_z - w_prev)
+            r_dev, s_dev = self.residual_norms(w_z, x_new, w_prev, lam, lam_new, rho, s.relax)
             s_dev = rho * s_dev
             w_prev = w_z
             x, lam = (x_new, lam_new) if accel is None else accel.update(x, lam, x_new, lam_new, rho)
@@ -271,7 +278,7 @@ class ADMM:
         st = SimpleNamespace(x=x.copy(), lam=lam.copy(), z=xp.empty(self.ncol, self.dtype),
                              w_prev=self.global_update(x, lam, rho)[self.copy_col],
                              hist=xp.empty((n, 2), self.dtype),
-                             halpern=_ResidentHalpern(xp, s.reflect, x, lam / rho) if s.halpern else None)
+                             halpern=_Halpern(self.steps, s.reflect) if s.halpern else None)
         graph = _GraphRunner(xp, lambda: self._block(st, n, rho, s.relax)) if xp is not np else None
         it, converged = 0, False
         while it < s.max_iter:
@@ -297,8 +304,7 @@ class ADMM:
         and dual residuals. Nothing here reads a value back to the host."""
         for i in range(n):
             z, x_new, lam_new, w_z = self.step(st.x, st.lam, rho, relax)
-            primal = w_z - x_new if relax == 1.0 else (lam_new - st.lam) / rho
-            norms = self.norms(primal, w_z - st.w_prev)
+            norms = self.residual_norms(w_z, x_new, st.w_prev, st.lam, lam_new, rho, relax)
             st.hist[i, 0] = norms[0]
             st.hist[i, 1] = rho * norms[1]
             st.w_prev[...] = w_z
@@ -395,75 +401,40 @@ class _Halpern:
     restart. Halpern's anchor does not damp the rounding error of ``T``: an error e per step adds up to
     about k e / 2 after k steps, so in float32 (e ~ 1e-7 relative) the iterate drifts once k reaches a
     few hundred (IEEE 123 at rho 10: the residual climbed from 1e-3 to 7e-2 over 1800 steps). In
-    float64 the rule does not fire on the benchmark feeders."""
+    float64 the rule does not fire on the benchmark feeders.
 
-    def __init__(self, xp, reflect: float = 0.0, reduce_scalar=lambda a: a, sufficient: float = 0.2,
-                 necessary: float = 0.8, grow: float = 2.0):
+    The point is kept in two halves, the copies ``x`` and the multipliers over rho, and the control
+    state (step count, residuals at the anchor and at the last step) in float64 device scalars, the
+    restart test a select: no step reads a value back to the host, which is what lets the device-
+    resident loop replay it as a CUDA graph, and eight kernels do a step where fused
+    (:mod:`dopfkit.distributed.kernels`). The residual at the anchor starts infinite, which makes the
+    first step a restart onto the start point."""
+
+    def __init__(self, steps: ElementwiseSteps, reflect: float = 0.0, reduce_scalar=lambda a: a,
+                 sufficient: float = 0.2, necessary: float = 0.8, grow: float = 2.0):
         # reduce_scalar: the residual norm spans every MPI rank, so all ranks restart together
-        self.xp, self.reflect, self.reduce = xp, reflect, reduce_scalar
+        self.steps, self.xp, self.reflect, self.reduce = steps, steps.xp, reflect, reduce_scalar
         self.sufficient, self.necessary, self.grow = sufficient, necessary, grow
-        self.reset()
+        self.anchor = None
+        self.k, self.r_anchor, self.r_prev = (self.xp.asarray(v, np.float64) for v in (0.0, np.inf, np.inf))
 
     def reset(self):
-        self.anchor = None
-
-    def points(self, x, lam, x_new, lam_new, rho):
-        """The current point and its image under the (reflected) map, multipliers scaled by 1/rho."""
-        xp = self.xp
-        s = xp.concatenate([x, lam / rho])
-        t = xp.concatenate([x_new, lam_new / rho])
-        if self.reflect:
-            t = (1 + self.reflect) * t - self.reflect * s
-        return s, t
-
-    def restarts(self, r, r_anchor, r_prev):
-        """The restart test, on floats or on device scalars alike."""
-        return (r <= self.sufficient * r_anchor) | (r >= self.grow * r_anchor) | \
-            ((r <= self.necessary * r_anchor) & (r > r_prev))
+        """Restart at the next step."""
+        self.r_anchor[...] = np.inf
 
     def update(self, x, lam, x_new, lam_new, rho):
-        xp = self.xp
-        s, t = self.points(x, lam, x_new, lam_new, rho)
-        r = float(xp.sqrt(self.reduce(xp.sum((t - s) ** 2))))
+        steps, dt = self.steps, x.dtype.type
         if self.anchor is None:
-            self.anchor, self.k, self.r_anchor, self.r_prev = s, 0, r, r
-        elif self.restarts(r, self.r_anchor, self.r_prev):
-            self.anchor, self.k, self.r_anchor = s, 0, r
-        self.r_prev = r
-        k = self.k
-        out = (k + 1) / (k + 2) * t + self.anchor / (k + 2)
-        self.k += 1
-        n = x.shape[0]
-        return out[:n], out[n:] * rho
-
-
-class _ResidentHalpern(_Halpern):
-    """:class:`_Halpern` with its control state (anchor, step count, residuals at the anchor and at the
-    last step) in device buffers and the restart test as a select, so that no step reads a value back
-    to the host. It starts anchored at the start point with infinite residuals, which makes the first
-    step a restart, the same one the host version takes; the arithmetic, control scalars in float64
-    included, is the host version's, so the iterates are the same to the last bit."""
-
-    def __init__(self, xp, reflect, x, lam_over_rho):
-        super().__init__(xp, reflect)
-        f64 = np.float64
-        self.anchor = xp.concatenate([x, lam_over_rho])
-        self.k, self.r_anchor, self.r_prev = (xp.asarray(v, f64) for v in (0.0, np.inf, np.inf))
-
-    def update(self, x, lam, x_new, lam_new, rho):
-        xp = self.xp
-        s, t = self.points(x, lam, x_new, lam_new, rho)
-        r = xp.sqrt(xp.sum((t - s) ** 2)).astype(np.float64)
-        restart = self.restarts(r, self.r_anchor, self.r_prev)
-        self.anchor[...] = xp.where(restart, s, self.anchor)
-        self.k[...] = xp.where(restart, 0.0, self.k)
-        self.r_anchor[...] = xp.where(restart, r, self.r_anchor)
-        self.r_prev[...] = r
-        k = self.k
-        out = ((k + 1) / (k + 2)).astype(t.dtype) * t + self.anchor / (k + 2).astype(t.dtype)
-        self.k += 1
-        n = x.shape[0]
-        return out[:n], out[n:] * rho
+            self.anchor = (self.xp.zeros_like(x), self.xp.zeros_like(lam))
+        reflect = (dt(self.reflect), dt(1 + self.reflect)) if self.reflect else (None, None)
+        halves = [(x, x_new, None), (lam, lam_new, dt(rho))]
+        pairs = [steps.halpern_pair(s, t, scale, *reflect) if scale is not None or self.reflect else (s, t)
+                 for s, t, scale in halves]
+        r2 = steps.squared_distance(*pairs[0][::-1], None) + steps.squared_distance(*pairs[1][::-1], None)
+        restart, weight, count = steps.halpern_control(self.reduce(r2), self.k, self.r_anchor, self.r_prev,
+                                                       self.sufficient, self.necessary, self.grow)
+        return tuple(steps.halpern_point(anchor, restart, s, t, scale, weight, count)
+                     for anchor, (s, t), (_, _, scale) in zip(self.anchor, pairs, halves))
 
 
 class _GraphRunner:
