@@ -212,15 +212,19 @@ def test_setpoints_through_exact_power_flow(net, ders, bess, shapes, arbitrage):
 
 def test_loss_estimate_against_exact_losses(net, ders, bess, shapes):
     """The "losses" objective estimates Re(I^H Z I) at 1 pu; the exact power flow at its set-points gives
-    the true series losses. Voltages of 1.0-1.06 pu make currents a few % smaller than the estimate."""
+    the true series losses. Constant-power currents scale as 1/|V|, so with the exact voltages between
+    v_lo and v_hi the estimate over the true losses lies between v_lo^2 and v_hi^2 (measured: 4.0 %
+    above, with the voltages between 0.998 and 1.056 pu)."""
     load, pv = shapes
     res = solve_multiperiod(net, ders, bess, load, pv, objective="losses", vmin=VMIN, vmax=VMAX)
-    exact = 0.0
+    exact, v_lo, v_hi = 0.0, np.inf, 0.0
     for t in range(len(load)):
         s = res.injections(t, ders, bess)
         pf = dopfkit.solve_powerflow(with_injections(net, s.index, s.to_numpy()), load_scale=load.iloc[t])
         exact += res.dt * pf.losses.real
-    assert res.objective == pytest.approx(exact, rel=0.1)
+        v_lo, v_hi = min(v_lo, pf.vmag.min()), max(v_hi, pf.vmag.max())
+    print(f"estimate / exact {res.objective / exact:.4f}, voltages {v_lo:.4f} to {v_hi:.4f} pu")
+    assert v_lo**2 < res.objective / exact < v_hi**2
 
 
 def test_infeasible_voltage_limits_are_named(net, shapes):
