@@ -399,9 +399,9 @@ class _Halpern:
 
     A third rule restarts when the residual has *grown* to ``grow`` times its value at the last
     restart. Halpern's anchor does not damp the rounding error of ``T``: an error e per step adds up to
-    about k e / 2 after k steps, so in float32 (e ~ 1e-7 relative) the iterate drifts once k reaches a
-    few hundred (IEEE 123 at rho 10: the residual climbed from 1e-3 to 7e-2 over 1800 steps). In
-    float64 the rule does not fire on the benchmark feeders.
+    about k e / 2 after k steps, so in float32 (e ~ 1e-7 relative) the iterate can drift once k
+    reaches a few hundred: on IEEE 123 at rho 10 the residual stopped short of the tolerance and
+    climbed until this rule was added (tests/test_distributed_admm.py checks float32 converges there).
 
     The point is kept in two halves, the copies ``x`` and the multipliers over rho, and the control
     state (step count, residuals at the anchor and at the last step) in float64 device scalars, the
