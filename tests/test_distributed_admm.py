@@ -208,6 +208,46 @@ def test_device_resident_loop_gives_the_same_iterates(case13, dtype, settings):
     np.testing.assert_array_equal(resident.state.lam, host.state.lam)
 
 
+@pytest.mark.parametrize("reflect", [0.0, 1.0])
+def test_halpern_follows_its_rules_written_plainly(reflect):
+    """_Halpern keeps its point in two halves and its control in device scalars, with the restart
+    test as a select (what a CUDA graph or a fused kernel needs). Against the rules written plainly
+    (one vector, Python floats, an if), on a firmly nonexpansive affine map T(s) = (s + C s + b) / 2
+    whose fixed point is known: the same restarts, the same iterates to rounding, and the fixed point."""
+    from dopfkit.distributed.admm import _Halpern
+    from dopfkit.distributed.kernels import ElementwiseSteps
+    rng = np.random.default_rng(7)
+    n, rho = 30, 3.0
+    C = rng.normal(size=(2 * n, 2 * n))
+    C *= 0.95 / np.linalg.norm(C, 2)
+    b = rng.normal(size=2 * n)
+    T = lambda v: (v + C @ v + b) / 2                                       # noqa: E731
+    fixed = np.linalg.solve(np.eye(2 * n) - C, b)
+    halpern = _Halpern(ElementwiseSteps(np), reflect=reflect)
+    x, lam = rng.normal(size=n), rng.normal(size=n)
+    s = np.concatenate([x, lam / rho])                                      # the plain version's point
+    anchor, k, r_anchor, r_prev = None, 0, np.inf, np.inf
+    restarts = ([], [])                   # (plain, dopfkit) restart steps while the residual is not noise
+    for step in range(400):
+        t = T(np.concatenate([x, lam / rho]))
+        x, lam = halpern.update(x, lam, t[:n], t[n:] * rho, rho)
+        t = (1 + reflect) * T(s) - reflect * s
+        r = float(np.linalg.norm(t - s))
+        if r <= 0.2 * r_anchor or r >= 2.0 * r_anchor or (r <= 0.8 * r_anchor and r > r_prev):
+            anchor, k, r_anchor = s, 0, r
+            restarts[0].append(step)
+        r_prev = r
+        s = (k + 1) / (k + 2) * t + anchor / (k + 2)
+        k += 1
+        if halpern.k == 1:
+            restarts[1].append(step)
+        np.testing.assert_allclose(np.concatenate([x, lam / rho]), s, rtol=1e-9, atol=1e-12)
+        if r < 1e-10:
+            break
+    assert restarts[0] == restarts[1] and len(restarts[0]) > 3
+    assert np.linalg.norm(s - fixed) < 1e-8 * np.linalg.norm(fixed)
+
+
 def test_graph_rejects_what_it_cannot_replay(case13):
     admm = ADMM(case13[1])
     for bad in (dict(adaptive=True), dict(anderson=5), dict(timing=True)):
