@@ -91,19 +91,20 @@ def _guarded(untried: bool, measure, /, *args, **kwargs):
 
 
 def _halpern_and_paper(admm: ADMM, reference: float, halpern: dict | None, fixed: dict,
-                       check: dict) -> dict:
+                       loop: dict) -> dict:
     """The paper's step timed over a fixed number of iterations, and the Halpern run to convergence
     (``halpern`` None: not run, to keep a large feeder within the device's time)."""
-    paper = admm.solve(ADMMSettings(**fixed, **check))
+    paper = admm.solve(ADMMSettings(**fixed, **loop))
     rec = {"paper_per_iteration_ms": 1e3 * paper.times["iteration"]}
     if halpern is not None:
-        rec["halpern"] = run(admm, reference, **halpern, **check)
+        rec["halpern"] = run(admm, reference, **halpern, **loop)
     return rec
 
 
-def _check(device: str, loop: dict) -> dict:
-    """A GPU reads the residuals back every 50 iterations (one sync each); the dry run keeps numpy's
-    every-iteration check, so that its iterates can be compared with numpy's one for one."""
+def _loop(device: str, loop: dict) -> dict:
+    """A run's loop settings: ``loop`` (graph, fuse), and on a GPU the residuals read back every 50
+    iterations (one sync each); the dry run keeps numpy's every-iteration check, so that its iterates
+    can be compared with numpy's one for one."""
     return {**({} if device == "cpu" else {"check_every": 50}), **loop}
 
 
@@ -141,10 +142,10 @@ def bench_admm(name: str, device: str, part: str = "all") -> dict:
         # CUDA context and kernel caches; with fuse, every fused kernel of both loops compiles here, not
         # inside a timed solve (20 iterations < check_every: no graph is captured)
         for warm in ({}, {"halpern": True, "reflect": 1.0}):
-            admm.solve(ADMMSettings(rho=100.0, max_iter=20, tol=0.0, **warm, **_check(dev, loop)))
+            admm.solve(ADMMSettings(rho=100.0, max_iter=20, tol=0.0, **warm, **_loop(dev, loop)))
         converge = not large or label in CONVERGE_LARGE
         rec[label] = r = _guarded(bool(loop), _halpern_and_paper, admm, highs.objective,
-                                  halpern if converge else None, fixed, _check(dev, loop))
+                                  halpern if converge else None, fixed, _loop(dev, loop))
         print(f"  {name} {label}: " + (r if isinstance(r, str) else
               (f"Halpern {r['halpern']['iterations']} iterations, {r['halpern']['total_s']:.2f} s; "
                if "halpern" in r else "") + f"paper's step {r['paper_per_iteration_ms']:.3f} ms"),
@@ -159,7 +160,7 @@ def bench_admm(name: str, device: str, part: str = "all") -> dict:
                 continue
             admm = ADMM(zoned, device=dev, buckets=buckets)
             zones[label] = r = _guarded(bool(loop), run, admm, highs.objective, rho=rho, tol=TOL,
-                                        halpern=True, reflect=1.0, max_iter=MAX_ITER, **_check(dev, loop))
+                                        halpern=True, reflect=1.0, max_iter=MAX_ITER, **_loop(dev, loop))
             print(f"  {name} zones of {k}, {label}: " + (r if isinstance(r, str) else
                   f"{r['iterations']} iterations, {r['total_s']:.2f} s"), flush=True)
     return add_speedups(rec)

@@ -430,7 +430,8 @@ class _Halpern:
         halves = [(x, x_new, None), (lam, lam_new, dt(rho))]
         pairs = [steps.halpern_pair(s, t, scale, *reflect) if scale is not None or self.reflect else (s, t)
                  for s, t, scale in halves]
-        r2 = steps.squared_distance(*pairs[0][::-1], None) + steps.squared_distance(*pairs[1][::-1], None)
+        (sx, tx), (sl, tl) = pairs
+        r2 = steps.squared_distance(tx, sx, None) + steps.squared_distance(tl, sl, None)
         restart, weight, count = steps.halpern_control(self.reduce(r2), self.k, self.r_anchor, self.r_prev,
                                                        self.sufficient, self.necessary, self.grow)
         return tuple(steps.halpern_point(anchor, restart, s, t, scale, weight, count)
