@@ -4,7 +4,7 @@ import pytest
 import scipy.sparse.linalg as spla
 
 import dopfkit as dk
-from dopfkit.network.radial import radial_network
+from dopfkit.network.radial import PINV_RCOND, radial_network
 from dopfkit.opf import (
     OPFInfeasibleError,
     OPFProblem,
@@ -43,7 +43,10 @@ def test_radial_branch_laws_satisfy_kcl_of_the_exact_solution(nets, feeder):
     V[r.root] = np.sqrt(r.v_root) * r.alpha[r.root]
     net_current = np.zeros(r.n, complex)                 # into each node from its branches
     for br in r.branches:
-        i = np.linalg.solve(br.Z, br.N @ V[br.parent] - V[br.child])
+        drop = br.N @ V[br.parent] - V[br.child]
+        # a floating child's Z is a pseudo-inverse, singular along the zero sequence: LU on it decides
+        # by rounding alone (it fails on some CPUs); its own inverse carries no zero-sequence current
+        i = np.linalg.pinv(br.Z, rcond=PINV_RCOND) @ drop if br.floating else np.linalg.solve(br.Z, drop)
         np.add.at(net_current, br.child, i)
         np.add.at(net_current, br.parent, -br.N.conj().T @ i)
     i_load = load_currents(net.loads.M @ pf.V, net.loads.s_nom, net.loads, np) / net.sbase  # pu*vbase

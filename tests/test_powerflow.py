@@ -154,17 +154,19 @@ def test_large_batch_matches_opendss():
         assert np.abs(batch.V[:, k] - ref.to_numpy()).max() <= ACCEPTANCE
 
 
-def test_dense_linear_path_equals_sparse():
-    """The dense path is what runs on a GPU; on numpy it must give the same answer.
+def test_dense_linear_path_reproduces_opendss(net):
+    """The dense path (``Z = Y^-1`` once, then matrix products) is what runs on a GPU.
 
-    cond(Y) is about 1e15 on IEEE 123 (a stiff source, near-ideal regulators), so an explicit
-    inverse costs a few 1e-9 pu: still 100x inside the 1e-6 pu acceptance threshold.
+    cond(Y) reaches about 1e15 (a stiff source, near-ideal regulators and switches), so the explicit
+    inverse moves the answer by rounding alone: measured 1e-8 to 3e-8 pu from the sparse LU's on
+    IEEE 37 and 123, depending on the CPU's BLAS kernels. That is what the second assertion allows,
+    ten times inside the 1e-6 pu acceptance threshold, which the first holds against OpenDSS.
     """
-    net = dk.load_feeder("ieee123")
     scales = np.array([0.7, 1.0])
-    sparse = dk.solve_powerflow(net, load_scale=scales, tol=1e-13)
     dense = dk.solve_powerflow(net, load_scale=scales, linear="dense", tol=1e-13)
-    assert np.abs(sparse.V - dense.V).max() < 1e-8
+    sparse = dk.solve_powerflow(net, load_scale=scales, tol=1e-13)
+    assert compare(dk.solve_powerflow(net, linear="dense")).max() <= ACCEPTANCE
+    assert np.abs(sparse.V - dense.V).max() < 1e-7
 
 
 def test_losses_and_currents_match_opendss():
@@ -192,6 +194,10 @@ def test_non_convergence_reports_residual_history():
 def test_gpu_batch_matches_cpu():
     net = dk.load_feeder("ieee123")
     scales = np.linspace(0.5, 1.2, 64)
-    cpu = dk.solve_powerflow(net, load_scale=scales)
     gpu = dk.solve_powerflow(net, load_scale=scales, device="gpu")
-    assert np.abs(cpu.V - gpu.V).max() < 1e-8
+    # the same inverse as the CPU's dense path: only the products' summation order differs (a
+    # reordering moves numpy's answer by 2e-15 pu); the stopping test may cost one step (< tol)
+    dense = dk.solve_powerflow(net, load_scale=scales, linear="dense")
+    assert np.abs(dense.V - gpu.V).max() < 1e-9
+    sparse = dk.solve_powerflow(net, load_scale=scales)       # the inverse's rounding, as above
+    assert np.abs(sparse.V - gpu.V).max() < 1e-7
