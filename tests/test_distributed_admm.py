@@ -374,8 +374,8 @@ def test_fused_kernels_follow_the_unfused_gpu_loop(case13, dtype, settings):
             assert fused.iterations == plain.iterations
             np.testing.assert_allclose(fused.z, plain.z, atol=1e-8)
             assert abs(fused.objective - sol.objective) <= 1e-4 * abs(sol.objective)
-        else:
-            assert abs(fused.iterations - plain.iterations) <= 0.05 * plain.iterations
+        else:   # float32 rounding moves the crossing by a few iterations: one check_every period
+            assert abs(fused.iterations - plain.iterations) <= max(0.05 * plain.iterations, s["check_every"])
             assert abs(fused.objective - sol.objective) <= 1e-3 * abs(sol.objective)
 
 
