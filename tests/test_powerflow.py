@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import opendssdirect as dss
+import pandas as pd
 import pytest
 
 import dopfkit as dk
 from dopfkit.backend import gpu_available
-from dopfkit.opendss import compare, compare_detail, current_voltages
+from dopfkit.opendss import compare, compare_detail, current_voltages, without_common_mode
 from dopfkit.powerflow import PowerFlowError, ZBusSolver
 
 ACCEPTANCE = 1e-6   # pu, the issue's threshold for IEEE 13, 34, 37, 123
@@ -43,6 +44,16 @@ def test_ieee9500_matches_opendss_down_to_the_reference_floor():
     kcl = detail["opendss_kcl_a"]
     steam = kcl.index.str.startswith("m1026chp-3.")
     assert kcl[steam].min() > 0.5 and kcl[~steam].max() < 1e-3
+
+
+def test_common_mode_is_removed_per_bus_of_two_or_more_nodes():
+    nodes = pd.Index(["a.1", "a.2", "a.3", "b.1", "c.1", "c.3"])
+    error = np.array([1 + 1j, 2, 3, 5, 7, 9])
+    # bus a: mean 2 + j/3; b: one node, kept; c: mean 8
+    expected = np.array([-1 + 2j / 3, -1j / 3, 1 - 1j / 3, 5, -1, 1])
+    np.testing.assert_allclose(without_common_mode(error, nodes), expected)
+    both = without_common_mode(np.stack([error, 2 * error], axis=1), nodes)     # scenarios as columns
+    np.testing.assert_allclose(both, np.stack([expected, 2 * expected], axis=1))
 
 
 @pytest.mark.parametrize("feeder", ["ieee13", "ieee123"])
@@ -195,9 +206,8 @@ def test_gpu_batch_matches_cpu():
     net = dk.load_feeder("ieee123")
     scales = np.linspace(0.5, 1.2, 64)
     gpu = dk.solve_powerflow(net, load_scale=scales, device="gpu")
-    # the same inverse as the CPU's dense path: only the products' summation order differs (a
-    # reordering moves numpy's answer by 2e-15 pu); the stopping test may cost one step (< tol)
-    dense = dk.solve_powerflow(net, load_scale=scales, linear="dense")
-    assert np.abs(dense.V - gpu.V).max() < 1e-9
-    sparse = dk.solve_powerflow(net, load_scale=scales)       # the inverse's rounding, as above
+    # the GPU inverts Y itself (cuSOLVER): like the CPU's dense path, it differs from the sparse LU by
+    # the inverse's rounding alone (test_dense_linear_path_reproduces_opendss)
+    sparse = dk.solve_powerflow(net, load_scale=scales)
     assert np.abs(sparse.V - gpu.V).max() < 1e-7
+    assert compare(dk.solve_powerflow(net, device="gpu")).max() <= ACCEPTANCE
