@@ -20,8 +20,9 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 DOPFKIT_FEEDERS_DIR=$PWD/.de
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
 python3 -c 'import cupy; print("cupy", cupy.__version__, cupy.cuda.runtime.getDeviceProperties(0)["name"].decode())'
 rc=0
-DOPFKIT_REQUIRE=gpu python3 -m pytest -q -p no:cacheprovider -m "gpu or requires_gpu" tests/test_powerflow.py \
-    tests/test_distributed_admm.py 2>&1 | tee "$OUT/pytest_gpu.log" || rc=1
+# (at most 4 minutes: a hung capture must not cost the benchmark the rest of the command's 10)
+DOPFKIT_REQUIRE=gpu timeout 240 python3 -m pytest -q -p no:cacheprovider -m "gpu or requires_gpu" \
+    tests/test_powerflow.py tests/test_distributed_admm.py 2>&1 | tee "$OUT/pytest_gpu.log" || rc=1
 # the numpy peers on their own cores, side by side with the GPU runs (their timings are one-core
 # figures either way), then one record; each half is rewritten after every feeder, so a run cut off at
 # its limit still returns what it finished (merge them here with --merge)
