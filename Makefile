@@ -71,7 +71,7 @@ help:
 	@echo "make solvers     Ipopt for Pyomo: cyipopt-wheels + PyNumero ASL (Debian libamplsolver-dev)"
 	@echo "make notebooks   re-execute every chapters/*.ipynb in place with papermill"
 	@echo "make html        only the jupyter-book build, from the stored notebook outputs"
-	@echo "make benchmarks  python -m benchmarks.powerflow, .opf, .admm, .admm_pace and .voltvar (data/results/*.json)"
+	@echo "make benchmarks  python -m benchmarks.powerflow, .opf, .admm, .admm_pace, .admm_ablation and .voltvar (data/results/*.json)"
 	@echo "make lint        ruff check"
 	@echo "make lock        re-freeze requirements-lock.txt from .venv"
 	@echo "make clean       remove build outputs (make distclean also removes .venv)"
@@ -166,6 +166,7 @@ benchmarks: $(VENV_STAMP) $(SOLVERS_STAMP)
 	$(BLAS_NATIVE) $(PY) -m benchmarks.opf
 	$(BLAS_NATIVE) $(PY) -m benchmarks.admm
 	$(BLAS_NATIVE) $(PY) -m benchmarks.admm_pace
+	$(BLAS_NATIVE) $(PY) -m benchmarks.admm_ablation
 	$(BLAS_NATIVE) $(PY) -m benchmarks.voltvar
 
 lint: $(VENV_STAMP)

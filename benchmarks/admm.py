@@ -86,7 +86,9 @@ def run(admm: ADMM, reference: float, **settings) -> dict:
     return {"iterations": res.iterations, "converged": res.converged, "total_s": res.times["total"],
             "per_iteration_ms": {k: 1e3 * split.times[k] for k in ("global", "local", "dual", "iteration")},
             "objective": res.objective, "gap_rel": abs(res.objective - reference) / abs(reference),
-            "violation": res.violation, "settings": {k: v for k, v in settings.items()}}
+            "violation": res.violation, "final_residuals": {"primal": float(res.primal_residual[-1]),
+                                                            "dual": float(res.dual_residual[-1])},
+            "settings": {k: v for k, v in settings.items()}}
 
 
 def bench_feeder(name: str, mpi: bool) -> dict:
