@@ -150,7 +150,7 @@ html: $(VENV_STAMP)
 
 # ----------------------------------------------------------------------------------------------- test
 test: $(VENV_STAMP) $(SOLVERS_STAMP)
-	@echo "test: OpenBLAS kernels $${OPENBLAS_CORETYPE:-of OpenBLAS's own choice} (see the top of the Makefile)"
+	@echo "test: OpenBLAS kernels $${OPENBLAS_CORETYPE:-chosen by OpenBLAS} (see the top of the Makefile)"
 	$(VENV_ABS)/bin/ruff check $(LINTED)
 	$(PY) -m pytest tests
 	@if [ -z "$(NOTEBOOKS)" ]; then \
