@@ -31,14 +31,13 @@ import scipy.sparse as sp  # noqa: E402
 import scipy.sparse.linalg as spl  # noqa: E402
 
 from benchmarks import write_results  # noqa: E402
-from benchmarks.admm import DER_SCALE, TOL  # noqa: E402
+from benchmarks.admm import DER_SCALE, TOL, centralized  # noqa: E402
 from benchmarks.powerflow import machine  # noqa: E402
 from dopfkit.distributed.admm import _Halpern, paper_start  # noqa: E402
 from dopfkit.distributed.decomposition import der_column_scale  # noqa: E402
 from dopfkit.distributed.kernels import ElementwiseSteps  # noqa: E402
 from dopfkit.opf import pv_problem  # noqa: E402
 from dopfkit.opf.lindist3flow import lindist3flow_lp  # noqa: E402
-from dopfkit.opf.standard_form import solve_highs  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "results" / "admm_pace.json"
 RHO, MAX_ITER = 3.0, 20_000
@@ -91,8 +90,7 @@ def one_block(lp, reference: float, rho: float = RHO, der_scale: float = 1.0) ->
 
 def case(name: str, **problem) -> tuple:
     lp = lindist3flow_lp(pv_problem(name, **problem))
-    highs = solve_highs(lp, **({"solver": "ipm"} if lp.A.shape[1] > 5000 else {}))
-    return lp, highs.objective
+    return lp, centralized(lp).objective
 
 
 def main(argv=None) -> dict:

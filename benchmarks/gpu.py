@@ -45,22 +45,19 @@ import numpy as np  # noqa: E402
 
 import dopfkit as dk  # noqa: E402
 from benchmarks import write_results  # noqa: E402
-from benchmarks.admm import run  # noqa: E402
+from benchmarks.admm import HALPERN_RHO, centralized, run  # noqa: E402
 from benchmarks.powerflow import dopfkit_batch, machine, opendss_sequential  # noqa: E402
 from dopfkit.backend import gpu_available  # noqa: E402
 from dopfkit.distributed import ADMM, ADMMSettings, decompose  # noqa: E402
 from dopfkit.opendss import without_common_mode  # noqa: E402
 from dopfkit.opf import pv_problem  # noqa: E402
-from dopfkit.opf.standard_form import solve_highs  # noqa: E402
 from dopfkit.powerflow import ZBusSolver  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "results" / "gpu.json"
 FEEDERS = ["ieee13", "ieee34", "ieee37", "ieee123", "ieee8500", "ieee9500"]
 ADMM_FEEDERS = ["ieee13", "ieee123", "ieee8500"]
-# admm.json's fewest iterations within 1e-4 of HiGHS (objective and violation; smaller rho converges
-# sooner on IEEE 8500 but stops 4e-3 off the optimum at the same tolerance)
-HALPERN_RHO = {"ieee13": 10.0, "ieee37": 10.0, "ieee123": 3.0, "ieee8500": 30.0}
-# (buses per zone, rho, der_scale): the same for the zoned runs (IEEE 13's: the dry-run test's case)
+# (buses per zone, rho, der_scale): admm.json's fewest iterations within 1e-4 of HiGHS for the zoned
+# runs (IEEE 13's: the dry-run test's case)
 ZONES = {"ieee13": (4, 10.0, 0.3), "ieee123": (12, 10.0, 1.0), "ieee8500": (70, 5.0, 0.3)}
 TOL, MAX_ITER, FIXED_ITER = 1e-3, 60_000, 2_000
 BUCKETS = 4              # "_padded": the size groups merged into 4 zero-padded batches (fewer launches)
@@ -137,7 +134,7 @@ def bench_admm(name: str, device: str, part: str = "all") -> dict:
     problem = pv_problem(name)
     dec = decompose(problem)
     lp = dec.lp
-    highs = solve_highs(lp, **({"solver": "ipm"} if lp.A.shape[1] > 5000 else {}))
+    highs = centralized(lp)
     large = lp.A.shape[1] > LARGE
     rec = {"columns": lp.A.shape[1], "subsystems": dec.n_subsystems, "highs_objective": highs.objective,
            "halpern_rho": HALPERN_RHO[name]}
