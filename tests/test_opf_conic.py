@@ -138,7 +138,8 @@ def test_maps_hold_the_exact_powerflow_solution(net13):
 
 
 def test_transformers_draw_their_no_load_power_from_the_parent():
-    """IEEE 8500's 1177 service transformers have a 0.2 % no-load loss (57.6 kW in all). Drawn through
+    """IEEE 8500's 1177 service transformers have a 0.2 % no-load loss (56.4 kW at
+    rated voltage, 57.6 kW at the snapshot's). Drawn through
     ``N`` alone, the lift missed it: its balances at the exact solution were off by 57.6 kW, up to
     1.5e-3 pu at one primary. With the two-port's parent-side shunt they hold at every node."""
     net = dopfkit.load_feeder("ieee8500")

@@ -364,7 +364,7 @@ def _blocks(sizes: dict[str, int]) -> dict[str, slice]:
 
 
 def _objective(problem, blocks: LinDist3FlowBlocks, columns, m):
-    """(c, Q, offset). Losses and voltage deviation are quadratic (HiGHS solves the QP):
+    """(c, Q, offset). Losses and voltage deviation are quadratic (Clarabel solves the QP):
     LinDist3Flow has no losses in its equations, so their usual estimate sum r (P^2 + Q^2) is used."""
     c, q_diag, offset = np.zeros(m), np.zeros(m), 0.0
     ders, obj = problem.ders, problem.objective
