@@ -47,7 +47,7 @@ import dopfkit as dk  # noqa: E402
 from benchmarks import write_results  # noqa: E402
 from benchmarks.admm import HALPERN_RHO, centralized, run  # noqa: E402
 from benchmarks.powerflow import dopfkit_batch, machine, opendss_sequential  # noqa: E402
-from dopfkit.backend import gpu_available  # noqa: E402
+from dopfkit.backend import gpu_available, to_host  # noqa: E402
 from dopfkit.distributed import ADMM, ADMMSettings, decompose  # noqa: E402
 from dopfkit.opendss import without_common_mode  # noqa: E402
 from dopfkit.opf import pv_problem  # noqa: E402
@@ -119,7 +119,7 @@ def bench_powerflow(name: str, device: str, batch: np.ndarray) -> dict:
     dev.solve(batch[:8])                                   # warm-up: CUDA context, kernels, schedule
     rec["dopfkit_device"] = dopfkit_batch(dev, batch, chunk=len(batch))
     v_cpu, v_dev = (solver.solve(batch[:50], raise_on_fail=False).V for solver in (cpu, dev))
-    difference = v_cpu - _host(v_dev)
+    difference = v_cpu - to_host(v_dev)
     rec["max_abs_difference_pu"] = float(np.abs(difference).max())
     # IEEE 9500's floating 480 V buses: the common mode rests on rounding (chapter 2's audit)
     rec["max_differential_difference_pu"] = float(np.abs(without_common_mode(difference, net.nodes)).max())
@@ -197,9 +197,6 @@ def merge(cpu: dict, device: dict) -> dict:
         add_speedups(both)
     return out
 
-
-def _host(a) -> np.ndarray:
-    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 def main(argv=None) -> dict:

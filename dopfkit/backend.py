@@ -24,3 +24,8 @@ def array_module(device: str = "cpu"):
         import cupy
         return cupy
     raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
+
+
+def to_host(a) -> np.ndarray:
+    """A numpy array of ``a``, copied from the GPU where it lives there."""
+    return a.get() if hasattr(a, "get") else np.asarray(a)

@@ -36,7 +36,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from dopfkit.backend import array_module
+from dopfkit.backend import array_module, to_host
 from dopfkit.distributed.decomposition import Decomposition, padded_groups
 from dopfkit.distributed.kernels import ElementwiseSteps
 
@@ -222,8 +222,8 @@ class ADMM:
         it, converged, z, x, lam, rho = loop(s, x, lam, rho, hist, clock, callback)
         sync()
         total = time.perf_counter() - t_start
-        z_h = _host(z)
-        state = ADMMState(z=z_h, x=_host(x), lam=_host(lam), rho=rho)
+        z_h = to_host(z)
+        state = ADMMState(z=z_h, x=to_host(x), lam=to_host(lam), rho=rho)
         lp = self.dec.lp
         per = {"global": clock[0] / it, "local": clock[1] / it, "dual": clock[2] / it,
                "iteration": total / it, "total": total}
@@ -288,7 +288,7 @@ class ADMM:
             else:
                 self._block(st, m, rho, s.relax)
             it += m
-            r, d = _host(st.hist[:m]).astype(float).T
+            r, d = to_host(st.hist[:m]).astype(float).T
             hist[0].extend(r)
             hist[1].extend(d)
             hist[2].extend([rho] * m)
@@ -377,14 +377,14 @@ class _Anderson:
             slot = self.count % self.m
             self.dG[slot] = g - self.g_prev
             self.dF[slot] = f - self.f_prev
-            row = _host(self.dG @ self.dG[slot]).astype(float)
+            row = to_host(self.dG @ self.dG[slot]).astype(float)
             self.gram[slot, :], self.gram[:, slot] = row, row
             self.count += 1
         self.g_prev, self.f_prev, self.g_norm = g, f, g_norm
         k = min(self.count, self.m)
         if k:
             H = self.gram[:k, :k] + self.reg * np.trace(self.gram[:k, :k]) * np.eye(k)
-            rhs = _host(self.dG[:k] @ g).astype(float)
+            rhs = to_host(self.dG[:k] @ g).astype(float)
             gamma = np.linalg.solve(H, rhs)
             f = f - xp.asarray(gamma.astype(self.dF.dtype)) @ self.dF[:k]
         n = x.shape[0]
@@ -477,6 +477,3 @@ def _synchronizer(xp):
         return lambda: None
     return lambda: xp.cuda.Stream.null.synchronize()
 
-
-def _host(a) -> np.ndarray:
-    return a.get() if hasattr(a, "get") else np.asarray(a)

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from dopfkit.backend import array_module
+from dopfkit.backend import array_module, to_host
 from dopfkit.network.math_model import Network
 from dopfkit.powerflow.loads import load_model
 from dopfkit.powerflow.result import PowerFlowError, PowerFlowResult
@@ -130,7 +130,7 @@ class ZBusSolver:
         longest = max(len(r[1]) for r in runs)
         history = [max(r[1][k] for r in runs if k < len(r[1])) for k in range(longest)]
         converged, stalled = all(r[2] for r in runs), any(r[3] for r in runs)
-        result = PowerFlowResult(self.net, _to_numpy(V if batch else V[:, 0]),
+        result = PowerFlowResult(self.net, to_host(V if batch else V[:, 0]),
                                  iterations=len(history), history=history, converged=converged,
                                  method=f"zbus-{self.linear}", load_scale=load_scale,
                                  extra={"stalled": stalled})
@@ -267,9 +267,6 @@ def _to_device_csr(m: sp.spmatrix, dtype):
     import cupyx.scipy.sparse as csp
     return csp.csr_matrix(m.astype(dtype))
 
-
-def _to_numpy(a) -> np.ndarray:
-    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 def solve_powerflow(net: Network, load_scale=1.0, method: str = "zbus", **options) -> PowerFlowResult:
